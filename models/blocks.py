@@ -1,0 +1,133 @@
+"""Residual blocks of the three spiking ResNet families (spec §2.1, §5).
+
+Every block maps a sequence [T, N, C, H, W] to a sequence. Convolutions and tdBN run once on the
+time-folded tensor [T*N, C, H, W]: a 2-D conv applied per step is the same map, and tdBN (one
+BatchNorm over N, T, H, W per channel) is exactly a BatchNorm2d over the folded batch. BN layers are
+plain nn.BatchNorm2d so that nn.SyncBatchNorm.convert_sync_batchnorm gives the authors' SyncBN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.neuron import LIF
+
+
+def td_bn(channels: int, gamma0: float) -> nn.BatchNorm2d:
+    """tdBN with the spec's init: gamma = alpha * V_th (alpha = 1), beta = 0; momentum 0.1, eps 1e-5."""
+    bn = nn.BatchNorm2d(channels)
+    nn.init.constant_(bn.weight, gamma0)
+    nn.init.zeros_(bn.bias)
+    return bn
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def folded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Apply a per-image op to every time step of x [T, N, ...] in one call."""
+    y = fn(x.flatten(0, 1))
+    return y.unflatten(0, x.shape[:2])
+
+
+class Shortcut(nn.Module):
+    """Projection shortcut used when the shape changes.
+
+    kind='conv': strided 1x1 conv -> tdBN (MS-ResNet-18/34, baselines). A strided 1x1 conv reads only
+    every s-th pixel, so it is computed as a subsample followed by a 1x1 conv (same numbers, less work).
+    kind='pool': AvgPool 2x2 -> 1x1 conv -> tdBN (MS-ResNet-104 and the CIFAR family; always 2x2, as in
+    the authors' code, even when only the channel count changes).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, kind: str, gamma0: float):
+        super().__init__()
+        if kind not in ("conv", "pool"):
+            raise ValueError(f"shortcut kind must be 'conv' or 'pool', got {kind!r}")
+        self.kind, self.stride = kind, stride
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn = td_bn(cout, gamma0)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "pool":
+            x = F.avg_pool2d(x, 2, 2)
+        elif self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return self.bn(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return folded(self._project, x)
+
+
+def make_shortcut(cin: int, cout: int, stride: int, kind: str, gamma0: float) -> nn.Module:
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return Shortcut(cin, cout, stride, kind, gamma0)
+
+
+class MSBlock(nn.Module):
+    """Membrane shortcut: LIF -> conv3x3(s) -> tdBN(V_th) -> LIF -> conv3x3 -> tdBN(0), plus the shortcut.
+
+    The sum is not passed through a neuron: what flows between blocks is the real-valued membrane
+    potential, so the block can start as an exact identity (last BN zero-initialised).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, neuron: Callable[[], LIF], shortcut: str,
+                 v_th: float, last_bn_gamma0: float = 0.0):
+        super().__init__()
+        self.lif1, self.conv1, self.bn1 = neuron(), conv3x3(cin, cout, stride), td_bn(cout, v_th)
+        self.lif2, self.conv2, self.bn2 = neuron(), conv3x3(cout, cout), td_bn(cout, last_bn_gamma0)
+        self.shortcut = make_shortcut(cin, cout, stride, shortcut, v_th)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = folded(lambda s: self.bn1(self.conv1(s)), self.lif1(x))
+        out = folded(lambda s: self.bn2(self.conv2(s)), self.lif2(out))
+        return out + self.shortcut(x)
+
+
+class SpikingBlock(nn.Module):
+    """Vanilla spiking ResNet block: conv -> BN -> LIF -> conv -> BN, add the shortcut, LIF after the add.
+
+    Input and output are spikes. The LIF after the addition is what breaks identity mapping.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, neuron: Callable[[], LIF], shortcut: str,
+                 v_th: float, last_bn_gamma0: float = 0.0):
+        super().__init__()
+        self.conv1, self.bn1, self.lif1 = conv3x3(cin, cout, stride), td_bn(cout, v_th), neuron()
+        self.conv2, self.bn2 = conv3x3(cout, cout), td_bn(cout, last_bn_gamma0)
+        self.shortcut = make_shortcut(cin, cout, stride, shortcut, v_th)
+        self.lif_out = neuron()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lif1(folded(lambda s: self.bn1(self.conv1(s)), x))
+        out = folded(lambda s: self.bn2(self.conv2(s)), out)
+        return self.lif_out(out + self.shortcut(x))
+
+
+class SEWBlock(nn.Module):
+    """Spike-element-wise block with ADD: conv -> BN -> LIF -> conv -> BN -> LIF, plus the shortcut.
+
+    The downsampling shortcut ends in a LIF too, so both operands of ADD are spikes and the output is
+    an integer spike count (0, 1 or 2 per element).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, neuron: Callable[[], LIF], shortcut: str,
+                 v_th: float, last_bn_gamma0: float = 0.0):
+        super().__init__()
+        self.conv1, self.bn1, self.lif1 = conv3x3(cin, cout, stride), td_bn(cout, v_th), neuron()
+        self.conv2, self.bn2, self.lif2 = conv3x3(cout, cout), td_bn(cout, last_bn_gamma0), neuron()
+        self.shortcut = make_shortcut(cin, cout, stride, shortcut, v_th)
+        self.lif_shortcut = neuron() if isinstance(self.shortcut, Shortcut) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lif1(folded(lambda s: self.bn1(self.conv1(s)), x))
+        out = self.lif2(folded(lambda s: self.bn2(self.conv2(s)), out))
+        return out + self.lif_shortcut(self.shortcut(x))
+
+
+BLOCKS = {"ms": MSBlock, "spiking": SpikingBlock, "sew": SEWBlock}

@@ -1,0 +1,112 @@
+"""Spike statistics and the 45 nm energy estimate (spec §4.5), collected by hooks only while asked.
+
+    with SpikeMonitor(model) as mon:
+        model(x)
+    mon.summary()  # {'spikes/rate': ..., 'energy/mj_per_image': ..., ...}
+
+Firing rate of a LIF layer = mean of its spike output over (T, N, C, H, W); spikes per neuron per
+sample = rate * T. Energy: every conv/linear counts the multiply-accumulates it actually executed
+per image (so the static stem, computed once, counts once). A layer whose input is non-negative
+integer-valued (spikes, or SEW's spike counts) performs accumulates only: SOPs = MACs * mean(input),
+at 0.9 pJ each; any other layer (stem, MS-ResNet's real-valued 1x1 downsampling convs, the classifier
+on firing rates) is charged 4.6 pJ per MAC. Outside the `with` block no hook is installed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from models.neuron import LIF
+
+E_MAC_PJ = 4.6
+E_AC_PJ = 0.9
+
+
+def _macs_per_output(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Conv2d):
+        return (layer.in_channels // layer.groups) * layer.kernel_size[0] * layer.kernel_size[1]
+    return layer.in_features
+
+
+class SpikeMonitor:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._handles: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.images = 0
+        self.spikes: dict[str, float] = defaultdict(float)
+        self.neurons: dict[str, int] = defaultdict(int)  # neuron-steps seen
+        self.timesteps: dict[str, int] = {}
+        self.macs: dict[str, float] = defaultdict(float)
+        self.acs: dict[str, float] = defaultdict(float)
+
+    def __enter__(self) -> SpikeMonitor:
+        self._handles.append(self.model.register_forward_pre_hook(self._count_images))
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LIF):
+                self._handles.append(mod.register_forward_hook(self._lif_hook(name)))
+            elif isinstance(mod, nn.Conv2d | nn.Linear):
+                self._handles.append(mod.register_forward_hook(self._synapse_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _count_images(self, module, args) -> None:
+        x = args[0]
+        self.images += x.shape[0] if x.dim() == 4 else x.shape[1]
+
+    def _lif_hook(self, name):
+        def hook(module, args, out):
+            self.spikes[name] += float(out.detach().float().sum())
+            self.neurons[name] += out.numel()
+            self.timesteps[name] = out.shape[0]
+        return hook
+
+    def _synapse_hook(self, name):
+        def hook(module, args, out):
+            x = args[0].detach()
+            macs = out.numel() * _macs_per_output(module)
+            if bool(((x >= 0) & (x == x.round())).all()):
+                self.acs[name] += macs * float(x.float().mean())
+            else:
+                self.macs[name] += macs
+        return hook
+
+    def layer_rates(self) -> dict[str, float]:
+        return {n: self.spikes[n] / self.neurons[n] for n in self.neurons}
+
+    def summary(self) -> dict[str, float]:
+        """MLflow-legal metrics: overall and per-stage firing rate, spikes per neuron per sample,
+        synaptic operations and energy per image."""
+        if not self.images:
+            raise RuntimeError("SpikeMonitor saw no forward pass")
+        total_spikes = sum(self.spikes.values())
+        total_neuron_steps = sum(self.neurons.values())
+        T = max(self.timesteps.values(), default=1)
+        out = {"spikes/rate": total_spikes / max(total_neuron_steps, 1),
+               "spikes/per_neuron_per_sample": total_spikes / max(total_neuron_steps / T, 1)}
+        stage_of = getattr(self.model, "block_stage", None)
+        if stage_of is not None:
+            per_stage: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for name in self.neurons:
+                parts = name.split(".")
+                if parts[0] == "blocks":
+                    acc = per_stage[stage_of[int(parts[1])]]
+                    acc[0] += self.spikes[name]
+                    acc[1] += self.neurons[name]
+            for stage, (s, n) in sorted(per_stage.items()):
+                out[f"spikes/rate_stage{stage + 1}"] = s / n
+        macs = sum(self.macs.values()) / self.images
+        sops = sum(self.acs.values()) / self.images
+        out["energy/gmacs_per_image"] = macs / 1e9
+        out["energy/gsops_per_image"] = sops / 1e9
+        out["energy/mj_per_image"] = (macs * E_MAC_PJ + sops * E_AC_PJ) * 1e-9
+        return out
