@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.neuron import LIF
+from models.spike_conv import SpikeConv2d
 
 
 def td_bn(channels: int, gamma0: float) -> nn.BatchNorm2d:
@@ -27,6 +28,10 @@ def td_bn(channels: int, gamma0: float) -> nn.BatchNorm2d:
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def spike_conv3x3(cin: int, cout: int, stride: int = 1) -> SpikeConv2d:
+    return SpikeConv2d(cin, cout, 3, stride=stride, padding=1)
 
 
 def folded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +84,8 @@ class MSBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, neuron: Callable[[], LIF], shortcut: str,
                  v_th: float, last_bn_gamma0: float = 0.0):
         super().__init__()
-        self.lif1, self.conv1, self.bn1 = neuron(), conv3x3(cin, cout, stride), td_bn(cout, v_th)
-        self.lif2, self.conv2, self.bn2 = neuron(), conv3x3(cout, cout), td_bn(cout, last_bn_gamma0)
+        self.lif1, self.conv1, self.bn1 = neuron(), spike_conv3x3(cin, cout, stride), td_bn(cout, v_th)
+        self.lif2, self.conv2, self.bn2 = neuron(), spike_conv3x3(cout, cout), td_bn(cout, last_bn_gamma0)
         self.shortcut = make_shortcut(cin, cout, stride, shortcut, v_th)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +104,7 @@ class SpikingBlock(nn.Module):
                  v_th: float, last_bn_gamma0: float = 0.0):
         super().__init__()
         self.conv1, self.bn1, self.lif1 = conv3x3(cin, cout, stride), td_bn(cout, v_th), neuron()
-        self.conv2, self.bn2 = conv3x3(cout, cout), td_bn(cout, last_bn_gamma0)
+        self.conv2, self.bn2 = spike_conv3x3(cout, cout), td_bn(cout, last_bn_gamma0)
         self.shortcut = make_shortcut(cin, cout, stride, shortcut, v_th)
         self.lif_out = neuron()
 
@@ -120,7 +125,7 @@ class SEWBlock(nn.Module):
                  v_th: float, last_bn_gamma0: float = 0.0):
         super().__init__()
         self.conv1, self.bn1, self.lif1 = conv3x3(cin, cout, stride), td_bn(cout, v_th), neuron()
-        self.conv2, self.bn2, self.lif2 = conv3x3(cout, cout), td_bn(cout, last_bn_gamma0), neuron()
+        self.conv2, self.bn2, self.lif2 = spike_conv3x3(cout, cout), td_bn(cout, last_bn_gamma0), neuron()
         self.shortcut = make_shortcut(cin, cout, stride, shortcut, v_th)
         self.lif_shortcut = neuron() if isinstance(self.shortcut, Shortcut) else nn.Identity()
 

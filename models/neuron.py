@@ -30,10 +30,11 @@ class _LIFSequence(torch.autograd.Function):
         code = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
         acc = torch.promote_types(x.dtype, torch.float32)
         u = x[0].to(acc)
+        s = u > v_th
         for t in range(T):
             if t > 0:
                 u = torch.where(s, 0.0, u * decay) + x[t].to(acc)
-            s = u > v_th
+                s = u > v_th
             spikes[t] = s
             code[t] = s.to(torch.uint8) | (((u - v_th).abs() < lens).to(torch.uint8) << 1)
         ctx.save_for_backward(code)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
 from torch import nn
 
 from models.neuron import LIF
@@ -44,6 +43,7 @@ class SpikeMonitor:
         self.timesteps: dict[str, int] = {}
         self.macs: dict[str, float] = defaultdict(float)
         self.acs: dict[str, float] = defaultdict(float)
+        self.dense: dict[str, float] = defaultdict(float)  # MACs executed, before any spike sparsity
 
     def __enter__(self) -> SpikeMonitor:
         self._handles.append(self.model.register_forward_pre_hook(self._count_images))
@@ -74,14 +74,36 @@ class SpikeMonitor:
         def hook(module, args, out):
             x = args[0].detach()
             macs = out.numel() * _macs_per_output(module)
+            self.dense[name] += macs
             if bool(((x >= 0) & (x == x.round())).all()):
                 self.acs[name] += macs * float(x.float().mean())
             else:
                 self.macs[name] += macs
         return hook
 
+    def dense_macs_per_image(self) -> float:
+        return sum(self.dense.values()) / self.images
+
     def layer_rates(self) -> dict[str, float]:
         return {n: self.spikes[n] / self.neurons[n] for n in self.neurons}
+
+    def layer_spikes(self) -> dict[str, dict[str, float]]:
+        """Per LIF layer: firing rate, spikes per neuron per sample (rate * T), neurons per sample."""
+        return {n: {"rate": rate, "spikes_per_neuron": rate * self.timesteps[n],
+                    "neurons": self.neurons[n] / self.timesteps[n] / max(self.images, 1)}
+                for n, rate in self.layer_rates().items()}
+
+    def layer_ops(self) -> dict[str, dict[str, float]]:
+        """Per conv/linear layer, in module order, per image: dense MACs (real-valued input), synaptic
+        operations (accumulates on spike input) and their 45 nm energy in mJ; sums to summary()'s."""
+        if not self.images:
+            raise RuntimeError("SpikeMonitor saw no forward pass")
+        out = {}
+        for n, _ in self.model.named_modules():
+            if n in self.macs or n in self.acs:
+                macs, sops = self.macs.get(n, 0.0) / self.images, self.acs.get(n, 0.0) / self.images
+                out[n] = {"macs": macs, "sops": sops, "mj": (macs * E_MAC_PJ + sops * E_AC_PJ) * 1e-9}
+        return out
 
     def summary(self) -> dict[str, float]:
         """MLflow-legal metrics: overall and per-stage firing rate, spikes per neuron per sample,
