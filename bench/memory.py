@@ -1,0 +1,116 @@
+"""Peak memory and step time of very deep MS-ResNets with activation checkpointing, against SpikingJelly.
+
+    python -m bench.memory                                   # 104 @ 224 px and 482 @ 32 px, batch 2, T 6
+    python -m bench.memory --configs 482@32 --every 1,4,16 --steps 2 --json out.json
+
+Rows per config, each in a fresh process (so one row's allocations cannot hide in another's peak):
+  none       deepspike, no activation checkpointing
+  every k    deepspike, each k-th residual block checkpointed over its whole T sequence (trainer.wrap)
+  sj         SpikingJelly 2.0 multi-step build of the same architecture (bench.peers), no checkpointing
+A step is bf16 autocast forward + loss + backward + SGD (momentum) on random data
+(`trainer.plan.measure_step`).
+
+Columns: median step time; "act GiB" = the step's peak memory above what is held before it (weights,
+momentum), i.e. activations plus gradients and transients (on a GPU the caching allocator's peak
+reservation, on a CPU the growth of the peak resident set); memory vs sj and time vs none. (Bytes packed
+for backward, as bench.models counts them, would miss what checkpointing holds and recomputes.)
+
+Target (reported, never asserted): checkpointing every block <= 0.1x the peer's activation memory at
+<= 1.35x our own no-checkpoint step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+
+MEM_TARGET, TIME_TARGET = 0.1, 1.35
+GiB = 2**30
+
+
+def run_row(name: str, res: int, row: str, batch: int, T: int, steps: int, device: str) -> dict:
+    from trainer.plan import build, measure_step
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    if row == "sj":
+        from spikingjelly.activation_based import functional as sjf
+
+        from bench.peers import build_spikingjelly_model
+
+        model = build_spikingjelly_model(name, T=T)
+        reset = lambda: sjf.reset_net(model)  # noqa: E731  LIFNode keeps its membrane between calls
+    else:
+        model = build(name, T, int(row.removeprefix("every")) if row != "none" else 0)
+        reset = None
+    classes = model.fc.out_features
+    stats = measure_step(model, batch, res, classes, dev, steps=steps, before_forward=reset)
+    return {"row": row, "step_s": stats.step_s, "act_bytes": stats.peak_bytes, "held_bytes": stats.base_bytes}
+
+
+def _spawn(name, res, row, args) -> dict:
+    cmd = [sys.executable, "-m", "bench.memory", "--worker", f"{name}@{res}", "--rows", row,
+           "--batch", str(args.batch), "--T", str(args.T), "--steps", str(args.steps),
+           "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {"row": row, "error": lines[-1] if lines else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(title: str, rows: list[dict]) -> list[str]:
+    by = {r["row"]: r for r in rows}
+    sj, none = by.get("sj", {}), by.get("none", {})
+    out = [title, f"{'row':>10}{'step s':>9}{'act GiB':>10}{'held GiB':>10}{'act vs sj':>11}"
+                  f"{'time vs none':>14}"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['row']:>10}  failed: {r['error'][:90]}")
+            continue
+        mem = r["act_bytes"] / sj["act_bytes"] if sj.get("act_bytes") else float("nan")
+        tim = r["step_s"] / none["step_s"] if none.get("step_s") else float("nan")
+        mark = ""
+        if r["row"] == "every1":
+            ok = mem <= MEM_TARGET and tim <= TIME_TARGET
+            mark = f"  target <= {MEM_TARGET}x / <= {TIME_TARGET}x: {'PASS' if ok else 'MISS'}"
+        out.append(f"{r['row']:>10}{r['step_s']:>9.3f}{r['act_bytes'] / GiB:>10.3f}"
+                   f"{r['held_bytes'] / GiB:>10.3f}{mem:>10.3f}x{tim:>13.2f}x{mark}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="ms_resnet104@224,ms_resnet482@32", help="model@resolution, ...")
+    p.add_argument("--every", default="1,4", help="checkpoint every k-th block, for each k")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--T", type=int, default=6)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the raw rows here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--rows", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        name, res = args.worker.split("@")
+        print(json.dumps(run_row(name, int(res), args.rows, args.batch, args.T, args.steps, args.device)))
+        return
+    results = {}
+    row_names = ["none", *(f"every{k}" for k in args.every.split(",")), "sj"]
+    for config in args.configs.split(","):
+        name, res = config.split("@")
+        rows = [_spawn(name, int(res), row, args) for row in row_names]
+        results[config] = rows
+        title = f"\n{name} @ {res}px, batch {args.batch}, T={args.T}, bf16, {args.device}"
+        print("\n".join(report(title, rows)), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""Training-step speed and memory of deepspike's MS-ResNets against SpikingJelly and the authors' loop.
+
+    python -m bench.models [--configs ms18_64,ms56_32] [--rows ds_fp32,sj_compiled] [--json PATH]
+    python -m bench.models --profile [--configs ...]   # torch.profiler top ops of the deepspike rows
+
+Rows (one fresh subprocess each, so peak RSS and compile caches don't leak between rows):
+  ds_fp32      deepspike, fp32
+  ds_default   deepspike, bf16 autocast (the trainer's default precision)
+  sj_eager     the same architecture from SpikingJelly 2.0 multi-step layers (bench.peers)
+  sj_compiled  the same, torch.compile'd (compile time is spent in the warm-up steps)
+  per_step     the authors' formulation: Python loop over T per conv and LIF (bench.peers)
+
+A training step is forward + cross-entropy + backward + SGD step (momentum 0.9) on random data.
+images/s = batch / median step time (the median resists the load other processes put on the box).
+
+saved B/(sample*t): bytes packed by torch.autograd.graph.saved_tensors_hooks during the forward and
+loss of one training step, divided by batch * T. Dedupe: a tensor counts as its whole untyped storage,
+once per storage (keyed by storage data_ptr, unique because packed tensors stay alive until backward);
+slices of one buffer (e.g. x[t]) therefore count once, and a saved view counts the full buffer it pins.
+Parameters, and autocast's low-precision copies of them, are left out: they do not scale with batch or T.
+
+fp32 min: the analytic floor for exact backprop without recomputing convs: the fp32 bytes of the input
+of every Conv2d, BatchNorm2d and Linear (the weight gradient needs a conv's input; BN's backward needs
+its input; a LIF's state can be recomputed elementwise from its BN's input). Shapes come from a meta
+forward of our model: the static stem counts once (not T times), a strided 1x1 conv counts the pixels
+it reads.
+
+Targets (reported, never asserted): deepspike default >= 2x the fastest SpikingJelly row's images/s,
+deepspike fp32 >= 1.2x; saved bytes <= 0.5x those of the SpikingJelly row that saves least.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Config:
+    title: str
+    model: str
+    num_classes: int
+    size: int
+    T: int = 4
+    batch: int = 8
+    warmup: int = 2
+    steps: int = 8
+
+
+CONFIGS = {
+    "ms18_64": Config("MS-ResNet-18 @ 64x64", "ms_resnet18", 1000, 64),
+    "ms18_224": Config("MS-ResNet-18 @ 224x224", "ms_resnet18", 1000, 224, warmup=1, steps=3),
+    "ms56_32": Config("CIFAR MS-ResNet-56 @ 32x32", "ms_resnet56", 10, 32),
+}
+ROWS = {
+    "ds_fp32": "deepspike fp32",
+    "ds_default": "deepspike default (bf16)",
+    "sj_eager": "SpikingJelly 2.0 eager",
+    "sj_compiled": "SpikingJelly 2.0 compiled",
+    "per_step": "per-timestep loop (authors)",
+}
+SJ_ROWS = ("sj_eager", "sj_compiled")
+TARGETS = {"ds_default": 2.0, "ds_fp32": 1.2}
+MEMORY_TARGET = 0.5
+
+
+def build(cfg: Config, row: str) -> nn.Module:
+    kw = dict(num_classes=cfg.num_classes, T=cfg.T)
+    if row.startswith("ds_"):
+        from models import create_model
+        return create_model(cfg.model, **kw)
+    from bench import peers
+    if row == "per_step":
+        return peers.build_per_timestep_model(cfg.model, **kw)
+    return peers.build_spikingjelly_model(cfg.model, **kw)
+
+
+class SavedBytes:
+    """saved_tensors_hooks that sum the storages packed for backward (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.seen: set[int] = set()
+        self.total = 0
+
+    @staticmethod
+    def _is_param_copy(t: torch.Tensor) -> bool:
+        # A chain of one-input nodes (cast, transpose, view) that ends at a parameter's AccumulateGrad.
+        fn = t.grad_fn
+        while fn is not None and type(fn).__name__ != "AccumulateGrad":
+            fn = fn.next_functions[0][0] if len(fn.next_functions) == 1 else None
+        return fn is not None
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.seen and key not in self.skip and not self._is_param_copy(t):
+            self.seen.add(key)
+            self.total += storage.nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+def fp32_min_bytes(cfg: Config) -> int:
+    from models import create_model
+    with torch.device("meta"), torch.no_grad():
+        model = create_model(cfg.model, num_classes=cfg.num_classes, T=cfg.T)
+        total = 0
+
+        def count(_module, inputs):
+            nonlocal total
+            total += inputs[0].numel() * 4
+
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+                m.register_forward_pre_hook(count)
+        model(torch.empty(cfg.batch, 3, cfg.size, cfg.size))
+    return total
+
+
+def make_step(cfg: Config, row: str, model: nn.Module):
+    from spikingjelly.activation_based import functional as sjf
+    forward = torch.compile(model) if row == "sj_compiled" else model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, generator=g)
+    y = torch.randint(cfg.num_classes, (cfg.batch,), generator=g)
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if row == "ds_default" else nullcontext()
+
+    def step(saved: SavedBytes | None = None) -> None:
+        if row in SJ_ROWS:
+            sjf.reset_net(model)
+        with precision, saved.hooks() if saved else nullcontext():
+            loss = F.cross_entropy(forward(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def run_row(cfg: Config, row: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build(cfg, row).train()
+    step = make_step(cfg, row, model)
+    t0 = time.perf_counter()
+    for _ in range(cfg.warmup + (1 if row == "sj_compiled" else 0)):
+        step()
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for _ in range(cfg.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    saved = SavedBytes(model)
+    step(saved)
+    return dict(config=cfg.model, size=cfg.size, row=row, label=ROWS[row],
+                params=sum(p.numel() for p in model.parameters()),
+                images_per_s=cfg.batch / statistics.median(times),
+                images_per_s_mean=cfg.batch * len(times) / sum(times), step_s=times, warmup_s=warmup_s,
+                saved_bytes=saved.total, saved_per_sample_step=saved.total / (cfg.batch * cfg.T),
+                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                load_avg_1min=os.getloadavg()[0])
+
+
+def _label_layers(model: nn.Module) -> None:
+    """Wrap every leaf layer's forward in a profiler range named 'fwd:<class>' (backward ops are
+    already grouped by autograd node)."""
+    open_ranges: list = []
+
+    def enter(m, _inputs):
+        open_ranges.append(torch.autograd.profiler.record_function(f"fwd:{type(m).__name__}"))
+        open_ranges[-1].__enter__()
+
+    def leave(_m, _inputs, _output):
+        open_ranges.pop().__exit__(None, None, None)
+
+    for m in model.modules():
+        if next(m.children(), None) is None and not isinstance(m, nn.Identity):
+            m.register_forward_pre_hook(enter)
+            m.register_forward_hook(leave)
+
+
+def profile_row(cfg: Config, row: str, threads: int, steps: int = 3) -> str:
+    """Top ops by self CPU time, then the time split by layer (forward ranges, backward autograd nodes)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build(cfg, row).train()
+    step = make_step(cfg, row, model)
+    for _ in range(cfg.warmup):
+        step()
+    _label_layers(model)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    backward = "autograd::engine::evaluate_function: "
+    split = sorted(((e.cpu_time_total / steps / 1e6, e.key.removeprefix(backward)) for e in events
+                    if e.key.startswith(("fwd:", backward, "Optimizer.step"))), reverse=True)
+    lines = [f"{s:8.3f} s {100 * s / wall:5.1f}%  {k}" for s, k in split[:14] if s > 0.002 * wall]
+    return (events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=44)
+            + f"\nper step: {wall:.3f} s wall (under the profiler); by layer:\n" + "\n".join(lines))
+
+
+def _logits_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from spikingjelly.activation_based import functional as sjf
+    sjf.reset_net(model)
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {k.removeprefix("net."): p.grad for k, p in model.named_parameters()}
+
+
+@functools.cache
+def peer_check(model: str, num_classes: int, T: int) -> str:
+    """Parameter counts; each peer's logits and parameter gradients vs ours, with our weights copied in."""
+    from bench import peers
+    from models import create_model
+    kw = dict(num_classes=num_classes, T=T)
+    torch.manual_seed(0)
+    ours = create_model(model, **kw).train()
+    with torch.no_grad():  # zero-init last BNs would leave half of every branch untested
+        for m in ours.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.3, 0.8)
+                m.bias.normal_(0, 0.2)
+    sj = peers.build_spikingjelly_model(model, **kw).train()
+    sj.load_state_dict(ours.state_dict())
+    naive = peers.build_per_timestep_model(model, **kw).train()
+    naive.net.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 32, 32) * 2
+    ref, ref_grads = _logits_and_grads(ours, x)
+    n = [sum(p.numel() for p in m.parameters()) for m in (ours, sj, naive)]
+    ok = n[0] == n[1] == n[2]
+    parts = []
+    for label, peer in (("SpikingJelly", sj), ("per-timestep", naive)):
+        out, grads = _logits_and_grads(peer, x)
+        d_out = float((out - ref).abs().max())
+        d_grad = max(float((grads[k] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for k, g in ref_grads.items())
+        ok = ok and d_out <= 1e-5
+        parts.append(f"{label} {d_out:.1e} (grads: max rel. diff {d_grad:.1e})")
+    return (f"params: deepspike {n[0]:,}  SpikingJelly {n[1]:,}  per-timestep {n[2]:,}\n"
+            f"   vs deepspike on a 2x3x32x32 batch with its weights copied in, max |logit diff|: "
+            f"{', '.join(parts)} [{'OK' if ok else 'MISMATCH'} at 1e-5]")
+
+
+def _worker(args) -> None:
+    cfg = CONFIGS[args.configs]
+    if args.profile:
+        print(profile_row(cfg, args.rows, args.threads))
+    else:
+        print("ROW " + json.dumps(run_row(cfg, args.rows, args.threads)))
+
+
+def _spawn(config: str, row: str, args, profile: bool = False) -> str:
+    cmd = [sys.executable, "-m", "bench.models", "--worker", "--configs", config, "--rows", row,
+           "--threads", str(args.threads)] + (["--profile"] if profile else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{config}/{row} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def _ratio_mark(value: float, target: float, higher_is_better: bool) -> str:
+    ok = value >= target if higher_is_better else value <= target
+    return f"{value:.2f}x {'PASS' if ok else 'MISS'}"
+
+
+def report(cfg: Config, rows: list[dict], fp32_min: int, check: str) -> list[str]:
+    per_st = fp32_min / (cfg.batch * cfg.T)
+    by = {r["row"]: r for r in rows}
+    sj = [by[k] for k in SJ_ROWS if k in by]
+    best_speed = max((r["images_per_s"] for r in sj), default=None)
+    least_saved = min((r["saved_per_sample_step"] for r in sj), default=None)
+    lines = [f"== {cfg.title}, T={cfg.T}, batch {cfg.batch}, {cfg.num_classes} classes "
+             f"(warm-up {cfg.warmup}, timed {cfg.steps} steps)", "   " + check,
+             f"   {'row':<30}{'img/s':>8}{'vs best SJ':>12}{'saved B/(sample*t)':>20}{'vs min SJ':>11}"
+             f"{'vs fp32 min':>13}{'peak RSS MiB':>14}"]
+    for r in rows:
+        speed = f"{r['images_per_s'] / best_speed:.2f}x" if best_speed else "-"
+        mem = f"{r['saved_per_sample_step'] / least_saved:.2f}x" if least_saved else "-"
+        saved = r["saved_per_sample_step"]
+        lines.append(f"   {r['label']:<30}{r['images_per_s']:>8.2f}{speed:>12}{saved:>20,.0f}"
+                     f"{mem:>11}{saved / per_st:>12.2f}x{r['peak_rss_mib']:>14,.0f}")
+    lines.append(f"   {'analytic fp32 minimum':<30}{'':>8}{'':>12}{per_st:>20,.0f}"
+                 f"{(f'{per_st / least_saved:.2f}x' if least_saved else '-'):>11}{1.0:>12.2f}x")
+    targets = []
+    if best_speed:
+        targets += [f"{k} img/s >= {t}x best SJ: {_ratio_mark(by[k]['images_per_s'] / best_speed, t, True)}"
+                    for k, t in TARGETS.items() if k in by]
+    if least_saved:
+        targets += [f"{k} saved <= {MEMORY_TARGET}x SJ: "
+                    f"{_ratio_mark(by[k]['saved_per_sample_step'] / least_saved, MEMORY_TARGET, False)}"
+                    for k in TARGETS if k in by]
+    if targets:
+        lines.append("   targets: " + ";  ".join(targets))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", metavar="PATH", help="write every measured row (and the fp32 minima) here")
+    p.add_argument("--profile", action="store_true", help="torch.profiler top ops of the deepspike rows")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return
+    configs, rows = args.configs.split(","), args.rows.split(",")
+    unknown = [c for c in configs if c not in CONFIGS] + [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown config/row: {', '.join(unknown)}")
+    start = time.perf_counter()
+    print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}",
+          flush=True)
+    if args.profile:
+        for c in configs:
+            for r in (r for r in rows if r.startswith("ds_")):
+                print(f"== profile {CONFIGS[c].title} / {ROWS[r]}\n{_spawn(c, r, args, profile=True)}",
+                      flush=True)
+        return
+    results = {}
+    for c in configs:
+        cfg = CONFIGS[c]
+        measured = []
+        for r in rows:
+            out = _spawn(c, r, args)
+            measured.append(json.loads(out.split("ROW ", 1)[1]))
+        check = peer_check(cfg.model, cfg.num_classes, cfg.T)
+        results[c] = dict(config=asdict(cfg), fp32_min_bytes=fp32_min_bytes(cfg), peer_check=check, rows=measured)
+        print("\n".join(report(cfg, measured, results[c]["fp32_min_bytes"], check)), flush=True)
+    print(f"total {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(torch=torch.__version__, threads=args.threads, configs=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""`build_loader`: one rank's stateful, resumable stream of model-ready batches, from wds or ffcv files.
+
+    loader = build_loader(DataConfig(dataset="imagenet", format="wds", path="/data/imagenet-wds"),
+                          "train", rank, world_size)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for images, labels in loader:   # images float [N, C, H, W] ([N, T, 2, 128, 128] for DVS)
+            ...
+        state = loader.state_dict()     # store with the checkpoint; load_state_dict() resumes mid-epoch
+
+Every rank yields `len(loader)` batches per epoch (see `dataloaders.order` for the plan). Rows with label
+-1 are zeros and carry no sample: eval padding on ranks that ran out of data, or a sample that failed to
+decode (logged, counted in `metrics()['data/decode_errors']`); use `ignore_index=-1` in the loss and mask
+them in accuracy counts. Train batches are always full; eval batches keep their size with padding rows.
+Workers hand over uint8 images; normalisation runs once per batch in the loader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dataloaders import transforms
+from dataloaders.config import DataConfig
+from dataloaders.manifest import is_remote, read_manifest, resolve
+from dataloaders.order import PAD, EpochPlan
+
+
+class Loader:
+    def __init__(self, plan: EpochPlan, backend, normalize):
+        self.plan, self.backend, self.normalize = plan, backend, normalize
+        self.epoch, self.batches_yielded, self.decode_errors = 0, 0, 0
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        """Real (non-padding) samples this rank reads per epoch."""
+        return int((self.plan.rows(self.epoch) != PAD).sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order; the same epoch again keeps a restored mid-epoch position."""
+        if epoch != self.epoch:
+            self.epoch, self.batches_yielded = epoch, 0
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.batches_yielded
+        rows = self.plan.rows(epoch)[start:]
+        seeds = self.plan.seeds(epoch, rows)
+        batches = self.backend.batches(rows, seeds, self.plan.epoch_key(epoch))
+        for k, (images, labels, bad) in enumerate(batches):
+            self.decode_errors += bad
+            images = self.normalize(images)
+            images[labels < 0] = 0
+            # Advance before handing the batch over: a checkpoint taken after using it resumes after it, and
+            # after the last batch the state already points at the next epoch.
+            if start + k + 1 == len(self):
+                self.epoch, self.batches_yielded = epoch + 1, 0
+            else:
+                self.batches_yielded = start + k + 1
+            yield images, labels
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": self.plan.seed,
+                "world_size": self.plan.world_size, "decode_errors": self.decode_errors}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size"):
+            if state[key] != getattr(self.plan, key):
+                mine = getattr(self.plan, key)
+                raise ValueError(f"loader state has {key}={state[key]}, this loader {mine}: a mid-epoch "
+                                 "position only means the same thing with the same seed and world size "
+                                 "(start a fresh epoch with set_epoch instead)")
+        self.epoch, self.batches_yielded = state["epoch"], state["batches_yielded"]
+        self.decode_errors = state.get("decode_errors", 0)
+
+    def metrics(self) -> dict[str, float]:
+        return {"data/decode_errors": float(self.decode_errors)}
+
+
+def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loader:
+    """Loader of `split` ('train' shuffles and augments; 'val'/'test' are read exactly once, either name
+    works for data sets that ship only one of them) for `rank` of `world_size`."""
+    cfg.validate()
+    if not cfg.path:
+        raise ValueError("data.path is empty: point it at the --out folder of dataloaders.convert")
+    manifest = read_manifest(cfg.path, split, cfg.format)
+    if manifest["dataset"] != cfg.dataset:
+        raise ValueError(f"{cfg.path} holds {manifest['dataset']!r}, but data.dataset={cfg.dataset!r}")
+    train = split == "train"
+    plan = EpochPlan(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train)
+    stored = manifest["sample"]["shape"]
+    shape = transforms.output_shape(cfg, stored, train)
+    side = stored[0] if stored else cfg.image_size
+    if cfg.format == "wds":
+        from dataloaders.wds_reader import ShardSet, WdsDataset
+
+        augment = transforms.augment(cfg, train, side, cropped_by_decoder=False)
+        dataset = WdsDataset(ShardSet(cfg.path, manifest, cfg.cache_dir), manifest["sample"]["ext"], augment,
+                             shape)
+        return Loader(plan, _TorchBackend(dataset, cfg.num_workers), transforms.normalize(cfg))
+    if is_remote(cfg.path):
+        raise ValueError(f"FFCV memory-maps local files; copy {cfg.path} to node-local storage first")
+    from dataloaders.ffcv_pipeline import FfcvBackend
+
+    augment = transforms.augment(cfg, train, side, cropped_by_decoder=True)
+    backend = FfcvBackend(cfg, manifest, resolve(cfg.path, manifest["file"]), train, augment, shape)
+    return Loader(plan, backend, transforms.normalize(cfg))
+
+
+class _TorchBackend:
+    """A torch DataLoader whose batch sampler serves the plan's remaining rows; its workers persist across
+    epochs."""
+
+    def __init__(self, dataset, num_workers: int):
+        import torch
+
+        # The sampler is its own object: were it this backend, the DataLoader would sit in a reference
+        # cycle and its workers would be shut down by the cyclic GC, which can close their queues first
+        # and leave each join to time out.
+        self.rows = _Rows()
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.rows, num_workers=num_workers,
+                                                  persistent_workers=num_workers > 0,
+                                                  pin_memory=torch.cuda.is_available())
+
+    def batches(self, rows: np.ndarray, seeds: np.ndarray | None, epoch_key: int):
+        self.rows.items = [[(int(p), None if seeds is None else int(s)) for p, s in
+                            zip(row, seeds[r] if seeds is not None else row)] for r, row in enumerate(rows)]
+        for images, labels, bad in self.loader:
+            yield images, labels, int(bad.sum())
+
+
+class _Rows:
+    """Batch sampler protocol, run in the main process: lists of (position, seed) items."""
+
+    def __init__(self):
+        self.items: list[list[tuple[int, int | None]]] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)

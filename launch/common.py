@@ -1,0 +1,209 @@
+"""What the three launchers share: a small, frozen set of flags, validation before any resource is
+requested, and the hand-off of `trainer.train.train` to Ray Train.
+
+Resume rules: the same --run-name under the same --storage continues that run (Ray hands the newest
+checkpoint it registered to the restarted workers; without one the trainer finds its own newest step
+directory in the run dir); a new name starts fresh; --no-resume first moves an existing run of that name
+aside. The run directory is `<storage>/<run name>`: Ray's registered checkpoints (`step_XXXXXXXX/`, one
+merged copy of every rank's shard) sit next to the trainer's own (`checkpoints/`), its config and model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from dataloaders.manifest import is_remote, manifest_rel
+from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
+from trainer.recipes import get_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+# Worker-group restarts Ray may do after crashes before the run fails; each resumes from a checkpoint.
+MAX_FAILURES = 3
+
+
+class LaunchError(ValueError):
+    """Bad flags or a cluster that cannot run them: printed as one line, exit code 2."""
+
+
+def build_parser(default_recipe: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train an MS-ResNet with Ray Train (see launch/common.py).")
+    p.add_argument("--nodes", type=int, default=1, help="nodes to train on (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPU workers per node; 0 = one CPU worker per node (default: what the nodes have)")
+    p.add_argument("--recipe", default=default_recipe, help=f"trainer recipe (default {default_recipe})")
+    p.add_argument("--data", help="converted data set folder or URL (default: the recipe's data.path)")
+    p.add_argument("--run-name", help="same name resumes, new name starts fresh (default: recipe-timestamp)")
+    p.add_argument("--storage", default=os.environ.get("DEEPSPIKE_STORAGE", "~/ray_results"),
+                   help="shared path or s3:// URI for runs (default $DEEPSPIKE_STORAGE or ~/ray_results)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. optim.lr=0.05 checkpoint.every_steps=500")
+    p.add_argument("--no-resume", action="store_true", help="move an existing run of this name aside first")
+    return p
+
+
+def parse_args(argv: list[str] | None, default_recipe: str) -> argparse.Namespace:
+    return build_parser(default_recipe).parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, datasets: tuple[str, ...]) -> TrainConfig:
+    """Recipe + overrides + data + run name + storage, checked without touching the cluster."""
+    if args.nodes < 1:
+        raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.gpus_per_node is not None and args.gpus_per_node < 0:
+        raise LaunchError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
+    try:
+        cfg = get_recipe(args.recipe)
+    except KeyError as e:
+        raise LaunchError(e.args[0]) from None
+    if cfg.data.dataset not in datasets:
+        raise LaunchError(f"recipe {args.recipe!r} trains on {cfg.data.dataset!r}; this launcher runs "
+                          f"{'/'.join(datasets)} recipes")
+    try:
+        apply_overrides(cfg, args.overrides)
+        cfg.data.validate()
+    except (KeyError, TypeError, ValueError) as e:
+        raise LaunchError(str(e.args[0] if isinstance(e, KeyError) else e)) from None
+    # Ray Train workers run in their own working directory: every local path must be absolute.
+    data = args.data or cfg.data.path
+    if not is_remote(data):
+        data = str(Path(data).expanduser().resolve())
+        if not (Path(data) / manifest_rel("train", cfg.data.format)).is_file():
+            cli_name = {"cifar10dvs": "cifar10-dvs"}.get(cfg.data.dataset, cfg.data.dataset)
+            raise LaunchError(f"data path {data} holds no converted {cfg.data.format} train split "
+                              f"({manifest_rel('train', cfg.data.format)}); make one with python -m "
+                              f"dataloaders.convert {cli_name} --out {data} --format {cfg.data.format}")
+    cfg.data.path = data
+    cfg.run_name = args.run_name or f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "/" in cfg.run_name or cfg.run_name.startswith("."):
+        raise LaunchError(f"--run-name {cfg.run_name!r} must be a plain name (no '/', no leading '.')")
+    cfg.mlflow.tracking_uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if is_remote(args.storage):
+        if args.no_resume:
+            raise LaunchError(f"--no-resume cannot move a run aside in {args.storage}; pick a new --run-name")
+        if not cfg.run_dir:
+            raise LaunchError(f"with --storage {args.storage}, the trainer still needs a shared filesystem: "
+                              "add --set run_dir=/shared/path/RUN")
+    else:
+        if cfg.run_dir:
+            raise LaunchError(f"run_dir={cfg.run_dir} cannot be set here: a run lives in "
+                              "<storage>/<run name>; use --storage and --run-name")
+        args.storage = str(Path(args.storage).expanduser().resolve())
+        cfg.run_dir = str(Path(args.storage) / cfg.run_name)
+        # Without a tracking server the runs still land in one shared place, next to the checkpoints.
+        cfg.mlflow.tracking_uri = cfg.mlflow.tracking_uri or f"sqlite:///{Path(args.storage) / 'mlflow.db'}"
+    return cfg
+
+
+def check_batch(cfg: TrainConfig, world: int) -> None:
+    micro = cfg.data.batch_size * world
+    if cfg.optim.global_batch % micro:
+        raise LaunchError(f"optim.global_batch={cfg.optim.global_batch} is not a multiple of {world} "
+                          f"workers x data.batch_size={cfg.data.batch_size} = {micro}; change --nodes, "
+                          "--gpus-per-node or --set data.batch_size=...")
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """--no-resume: rename an earlier run of this name (nothing is deleted); returns its new path."""
+    if not run_dir.exists():
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    return aside
+
+
+def plan_workers(args: argparse.Namespace, cfg: TrainConfig, nodes: list[dict]) -> ScalingConfig:
+    """Check the request against the alive nodes (`ray.nodes()`) and the batch arithmetic."""
+    alive = [n["Resources"] for n in nodes if n["Alive"]]
+    gpus = args.gpus_per_node
+    if gpus is None:
+        gpu_counts = [int(r["GPU"]) for r in alive if r.get("GPU", 0) >= 1]
+        gpus = min(gpu_counts) if gpu_counts else 0
+    fit = [r for r in alive if (r.get("GPU", 0) >= gpus if gpus else r.get("CPU", 0) >= 1)]
+    if len(fit) < args.nodes:
+        what = f"{gpus} GPUs" if gpus else "a CPU"
+        raise LaunchError(f"--nodes {args.nodes} but the cluster has {len(fit)} node(s) with {what}")
+    world = args.nodes * max(gpus, 1)
+    check_batch(cfg, world)
+    cpus = int(min(r.get("CPU", 0) for r in fit[: args.nodes]))
+    if gpus:
+        # Ranks of one node sit together; the node's CPUs feed their data loaders.
+        return ScalingConfig(num_workers=world, use_gpu=True, placement_strategy="PACK",
+                             resources_per_worker={"GPU": 1, "CPU": max(cpus // gpus, 1)})
+    return ScalingConfig(num_workers=world, use_gpu=False, resources_per_worker={"CPU": cpus},
+                         placement_strategy="STRICT_SPREAD" if world > 1 else "PACK")
+
+
+def train_loop(loop_config: dict) -> None:
+    """One Ray Train worker: run the trainer in the gloo/nccl group Ray created."""
+    from trainer.train import train
+
+    cfg = from_dict(TrainConfig, loop_config["cfg"])
+
+    def report(metrics: dict, ckpt_dir: str) -> None:
+        # Every rank reports the same step directory; Ray merges them into <run>/step_XXXXXXXX/.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                         checkpoint_dir_name=Path(ckpt_dir).name)
+
+    with contextlib.ExitStack() as stack:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:  # a restart after a failure, or a resubmitted run name
+            cfg.checkpoint.resume = stack.enter_context(checkpoint.as_directory())
+        train(cfg, report=report)
+
+
+def _runtime_env() -> dict:
+    """Ship this checkout to every worker, unless the job was submitted with its own working_dir."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    if job.get("working_dir"):
+        return {}
+    # Ray leaves out .git and everything .gitignore lists (the venv, data/, runs/).
+    return {"working_dir": str(ROOT)}
+
+
+def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Result:
+    cfg = build_config(args, datasets)
+    if args.gpus_per_node is not None:  # the world size is known without asking the cluster
+        check_batch(cfg, args.nodes * max(args.gpus_per_node, 1))
+    ray.init(runtime_env=_runtime_env())
+    scaling = plan_workers(args, cfg, ray.nodes())
+    if args.no_resume and (aside := set_aside(Path(cfg.run_dir))):
+        print(f"[launch] --no-resume: moved the earlier run to {aside}", flush=True)
+    kind = "GPU" if scaling.use_gpu else "CPU"
+    print(f"[launch] {cfg.run_name}: {scaling.num_workers} {kind} workers on {args.nodes} node(s); storage "
+          f"{args.storage}; data {cfg.data.path}; MLflow {cfg.mlflow.tracking_uri}", flush=True)
+    keep = max(cfg.checkpoint.keep_last, 1)  # Ray's registered copies, like the trainer's own
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": to_dict(cfg)},
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep)),
+    )
+    result = trainer.fit()
+    m = result.metrics or {}
+    print(f"[launch] done: step {m.get('step')}, test top-1 {m.get('val/top1')}, checkpoint "
+          f"{result.checkpoint.path if result.checkpoint else None}; MLflow {cfg.mlflow.tracking_uri} "
+          f"experiment {cfg.mlflow.experiment or cfg.recipe}, run {cfg.run_name}", flush=True)
+    return result
+
+
+def main(default_recipe: str, datasets: tuple[str, ...], argv: list[str] | None = None) -> None:
+    args = parse_args(argv, default_recipe)
+    try:
+        launch(args, datasets)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,21 @@
+"""MS-ResNet on ImageNet with Ray Train, from the repository root of a machine that reaches the cluster:
+
+    ray job submit -- python launch/imagenet.py --nodes 4
+    ray job submit --working-dir . -- python launch/imagenet.py --nodes 4 --recipe ms_resnet18_imagenet \\
+        --data /mnt/cluster_storage/data/imagenet-wds --run-name msr18-a --set optim.epochs=90
+    python launch/imagenet.py --nodes 1 ...      # no cluster running: starts a local one
+
+Resubmitting with the same --run-name resumes the run. Flags: --help; how they map onto Ray Train:
+launch/common.py.
+"""
+
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file: the checkout need not be pip-installed on the cluster
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.common import main  # noqa: E402
+
+if __name__ == "__main__":
+    main("ms_resnet104_imagenet", datasets=("imagenet",))

@@ -1,0 +1,102 @@
+"""Small raw data sets in their real formats, and conversions of them, built once per test session.
+
+Imported by the tests/test_data_*.py files; each builder caches its result in the session's base temp
+folder, so several test modules share one copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataloaders import synthetic
+from dataloaders.cifar_format import write_cifar10
+from dataloaders.convert import convert
+from dataloaders.transforms import CIFAR10_MEAN, CIFAR10_STD
+
+ROUND_TRIP_SIDE = 64
+
+
+def _once(base: Path, name: str, build) -> Path:
+    out = base / name
+    if not (out / ".done").exists():
+        build(out)
+        (out / ".done").touch()
+    return out
+
+
+def index_images(n: int) -> np.ndarray:
+    """uint8 [n, 32, 32, 3]; image i is one colour with red = i % 256 and green = i // 256, so a sample can
+    be identified after any crop, flip or padding that keeps the centre pixel."""
+    images = np.zeros((n, 32, 32, 3), np.uint8)
+    images[..., 0] = (np.arange(n) % 256)[:, None, None]
+    images[..., 1] = (np.arange(n) // 256)[:, None, None]
+    return images
+
+
+def indices_of(images: torch.Tensor) -> list[int]:
+    """Inverse of `index_images` on loaded CIFAR batches (normalised with the CIFAR-10 statistics)."""
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    px = ((images[:, :, 16, 16] * std + mean) * 255).round().long()
+    return (px[:, 0] + 256 * px[:, 1]).tolist()
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "data_fixtures"
+
+
+@pytest.fixture(scope="session")
+def imagenet_src(data_root) -> Path:
+    """3 real wnids x 8 train and 4 val JPEGs, 40-96 px, varied aspect ratios."""
+    return _once(data_root, "imagenet_src",
+                 lambda out: synthetic.imagenet(out, classes=3, per_class=8, val_per_class=4, min_side=40,
+                                                max_side=96))
+
+
+@pytest.fixture(scope="session")
+def imagenet_wds(data_root, imagenet_src) -> Path:
+    return _once(data_root, "imagenet_wds",
+                 lambda out: convert("imagenet", out, "wds", imagenet_src, shard_size=5, workers=2))
+
+
+@pytest.fixture(scope="session")
+def imagenet_ffcv(data_root, imagenet_src) -> Path:
+    return _once(data_root, "imagenet_ffcv",
+                 lambda out: convert("imagenet", out, "ffcv", imagenet_src, write_mode="jpg", workers=1))
+
+
+@pytest.fixture(scope="session")
+def round_trip_src(data_root) -> Path:
+    """ImageNet layout whose val images have a short side of exactly ROUND_TRIP_SIDE, so evaluation with
+    val_resize = val_crop = ROUND_TRIP_SIDE is a pure center crop: no resampling between file and batch."""
+
+    def build(out):
+        rng = np.random.default_rng(1)
+        for split in ("train", "val"):
+            for label, wnid in enumerate(synthetic.WNIDS[:2]):
+                (out / split / wnid).mkdir(parents=True)
+                for k, (h, w) in enumerate([(64, 80), (96, 64), (64, 64)]):
+                    image = synthetic.class_image(label, 2, h, w, rng)
+                    Image.fromarray(image).save(out / split / wnid / f"{wnid}_{k}.JPEG", quality=90)
+
+    return _once(data_root, "round_trip_src", build)
+
+
+@pytest.fixture(scope="session")
+def index_cifar(data_root) -> dict[str, Path]:
+    """CIFAR-10 pickles of 60 train and 25 test images, each identifiable by `indices_of`, converted to
+    both formats: {'wds': root, 'ffcv': root}."""
+
+    def build(out):
+        train, test = index_images(60), index_images(25)
+        write_cifar10(out, (train, np.arange(60) % 10), (test, np.arange(25) % 10))
+
+    src = _once(data_root, "index_cifar_src", build) / "cifar-10-batches-py"
+    return {fmt: _once(data_root, f"index_cifar_{fmt}",
+                       lambda out, fmt=fmt: convert("cifar10", out, fmt, src, shard_size=7))
+            for fmt in ("wds", "ffcv")}

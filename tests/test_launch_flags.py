@@ -1,0 +1,133 @@
+"""The launchers' flags and the checks they make before any Ray resource is requested.
+
+Each bad input is one `error: ...` line and exit code 2. These run without a Ray cluster: the checks that
+need one (more nodes than the cluster has) are in test_launch_ray.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from launch.common import ROOT, LaunchError, build_config, build_parser, main, parse_args, set_aside
+from launch.common import _runtime_env as runtime_env
+
+CIFAR = ("cifar10", "digits")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("flags") / "digits16"
+    subprocess.run([sys.executable, "-m", "dataloaders.convert", "digits", "--out", str(out), "--format",
+                    "wds", "--size", "16", "--workers", "1"], cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def config(*argv: str, datasets=CIFAR):
+    return build_config(parse_args(list(argv), "digits_tiny"), datasets)
+
+
+def test_the_flag_set_is_frozen():
+    # A new flag needs a reason: everything else is a `--set key=value` override of the recipe.
+    options = {o for a in build_parser("digits_tiny")._actions for o in a.option_strings}
+    assert options == {"-h", "--help", "--nodes", "--gpus-per-node", "--recipe", "--data", "--run-name",
+                       "--storage", "--set", "--no-resume"}
+
+
+def test_unknown_recipe_is_one_line_and_exit_2():
+    r = subprocess.run([sys.executable, "launch/imagenet.py", "--nodes", "4", "--recipe", "ms_resnet9000"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("error: unknown recipe 'ms_resnet9000'; known: ")
+    assert "ms_resnet104_imagenet" in r.stderr
+
+
+def test_recipe_for_another_data_set_is_refused(digits):
+    with pytest.raises(LaunchError) as e:
+        config("--data", str(digits), datasets=("imagenet",))
+    assert str(e.value) == "recipe 'digits_tiny' trains on 'digits'; this launcher runs imagenet recipes"
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(LaunchError) as e:
+        config("--data", str(tmp_path / "nope"))
+    nope = tmp_path / "nope"
+    assert str(e.value) == (f"data path {nope} holds no converted wds train split (train/manifest.json); "
+                            f"make one with python -m dataloaders.convert digits --out {nope} --format wds")
+
+
+def test_global_batch_not_divisible_fails_before_ray_starts(digits, capsys):
+    # digits_tiny with these overrides: 3 CPU workers x 4 images never make a global batch of 8.
+    with pytest.raises(SystemExit) as e:
+        main("digits_tiny", CIFAR, ["--nodes", "3", "--gpus-per-node", "0", "--data", str(digits),
+                                    "--set", "optim.global_batch=8", "data.batch_size=4"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: optim.global_batch=8 is not a multiple of 3 workers x "
+                                       "data.batch_size=4 = 12; change --nodes, --gpus-per-node or "
+                                       "--set data.batch_size=...\n")
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "override 'optim.lrr': unknown key 'lrr'"),
+    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("data.format=tfrecord", "data.format='tfrecord'; expected one of ('wds', 'ffcv')"),
+])
+def test_bad_override(digits, override, message):
+    with pytest.raises(LaunchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config("--data", str(digits), "--set", override)
+
+
+def test_bad_node_counts_and_names(digits):
+    with pytest.raises(LaunchError, match="--nodes must be >= 1, got 0"):
+        config("--nodes", "0", "--data", str(digits))
+    with pytest.raises(LaunchError, match="--gpus-per-node must be >= 0, got -1"):
+        config("--gpus-per-node", "-1", "--data", str(digits))
+    with pytest.raises(LaunchError, match="must be a plain name"):
+        config("--run-name", "a/b", "--data", str(digits))
+
+
+def test_config_for_the_workers(digits, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(digits.parent)
+    cfg = config("--data", digits.name, "--storage", str(tmp_path / "st"), "--set", "optim.lr=0.05")
+    # Workers run elsewhere: paths are absolute, the run lives in <storage>/<name> with its MLflow store.
+    assert cfg.data.path == str(digits) and cfg.optim.lr == 0.05
+    assert cfg.run_name.startswith("digits_tiny-") and cfg.run_dir == str(tmp_path / "st" / cfg.run_name)
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'st' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert config("--data", digits.name, "--run-name", "x").mlflow.tracking_uri == "http://127.0.0.1:5999"
+
+
+def test_storage_rules(digits, tmp_path):
+    with pytest.raises(LaunchError, match="the trainer still needs a shared filesystem"):
+        config("--data", str(digits), "--storage", "s3://bucket/runs")
+    cfg = config("--data", str(digits), "--storage", "s3://bucket/runs", "--set", "run_dir=/shared/r1")
+    assert cfg.run_dir == "/shared/r1"
+    with pytest.raises(LaunchError, match="--no-resume cannot move a run aside in s3://bucket/runs"):
+        config("--data", str(digits), "--storage", "s3://bucket/runs", "--no-resume", "--set", "run_dir=/x")
+    with pytest.raises(LaunchError, match="run_dir=/x cannot be set here"):
+        config("--data", str(digits), "--storage", str(tmp_path), "--set", "run_dir=/x")
+
+
+def test_no_resume_moves_the_earlier_run_aside(tmp_path):
+    run = tmp_path / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    aside = set_aside(run)
+    assert not run.exists() and aside.name.startswith("r1.replaced-") and (aside / "checkpoints").is_dir()
+    assert set_aside(run) is None
+
+
+def test_code_is_shipped_unless_the_job_brought_its_own(monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert runtime_env() == {"working_dir": str(ROOT)}
+    # What `ray job submit --working-dir .` hands to the entrypoint.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}))
+    assert runtime_env() == {}

@@ -1,0 +1,194 @@
+"""Step-numbered checkpoints that survive crashes, and resuming from them.
+
+Layout under `<run_dir>/checkpoints/`:
+
+    step_00001200/                  one complete checkpoint
+        mp_rank_00_model_states.pt  DeepSpeed: fp32 weights, lr scheduler, (ZeRO 0) optimizer
+        *_optim_states.pt           DeepSpeed ZeRO >= 1: one optimizer shard per rank
+        trainer_rank00000.pt ...    ours, per rank: RNG states, data-loader position
+        meta.json                   ours, global: step, epoch, metrics, world size, config, MLflow run id
+    latest                          name of the newest step directory (DeepSpeed's pointer format)
+
+A checkpoint is written into `.tmp-step_XXXXXXXX/` and renamed to `step_XXXXXXXX/` only once every
+rank has finished writing; the `latest` pointer is replaced last. A crash at any point therefore
+leaves the previous checkpoint complete and discoverable; stale `.tmp-*` directories are ignored and
+removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_set_full_optimizer_state
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+LATEST = "latest"
+
+
+def plain_name(name: str) -> str:
+    """A parameter name as in models.create_model(...): without DeepSpeed's `module.`, torch.compile's
+    `_orig_mod.` or the activation-checkpoint wrapper's `_checkpoint_wrapped_module.` parts."""
+    for prefix in ("module.", "_orig_mod."):
+        name = name.removeprefix(prefix)
+    return name.replace("_checkpoint_wrapped_module.", "").replace("._orig_mod.", ".")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / f"trainer_rank{rank:05d}.pt"
+
+
+def read_meta(step_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(step_dir) / META).read_text())
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete step directories, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir() if STEP_RE.match(d.name) and (d / META).is_file()]
+    return sorted(found, key=lambda d: int(STEP_RE.match(d.name).group(1)))
+
+
+def find_resume_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint. The `latest` pointer normally names it; a crash between the
+    rename and the pointer update leaves a newer complete directory, which wins."""
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], rank_state: dict[str, Any],
+                    keep_last: int, keep_best: bool) -> Path:
+    """Collective: every rank calls it. Returns the final step directory."""
+    rank = dist.get_rank()
+    tmp_tag = f".tmp-{step_dir_name(step)}"
+    final = root / step_dir_name(step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    torch.save(rank_state, rank_file(root / tmp_tag, rank))
+    dist.barrier()
+    if rank == 0:
+        tmp = root / tmp_tag
+        _write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. a resumed run that stops where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(root / LATEST, final.name)
+        _prune(root, keep_last, keep_best)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int, keep_best: bool) -> None:
+    done = complete_checkpoints(root)
+    keep = set(done[-max(keep_last, 1):])
+    if keep_best:
+        scored = [(m, d) for d in done if (m := read_meta(d).get("best_metric_here")) is not None]
+        if scored:
+            keep.add(max(scored, key=lambda md: (md[0], md[1].name))[1])
+    for d in done:
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(engine, step_dir: Path, zero_stage: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore the engine from `step_dir`; returns (meta, this rank's trainer state or None).
+
+    The trainer state (RNG, data position) is per rank, so it is returned only when the world size is
+    unchanged. ZeRO-0 checkpoints hold the full optimizer state and load at any world size. ZeRO >= 1
+    shards the optimizer state by rank and DeepSpeed refuses a different world size (its universal
+    checkpoint converter only knows Adam's state), so the SGD momentum is reassembled from the saved
+    shards here and placed into the new partitions.
+    """
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir)
+    if meta["zero_stage"] != zero_stage:
+        raise ValueError(f"{step_dir} was written with ZeRO stage {meta['zero_stage']}; resume with "
+                         f"engine.zero_stage={meta['zero_stage']}")
+    same_world = meta["world_size"] == dist.get_world_size()
+    full_optimizer = same_world or zero_stage == 0
+    path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name,
+                                     load_optimizer_states=full_optimizer)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {step_dir}")
+    if not full_optimizer:
+        _reshard_sgd_momentum(engine, step_dir, meta["world_size"])
+    rank_state = None
+    if same_world:
+        rank_state = torch.load(rank_file(step_dir, dist.get_rank()), map_location="cpu", weights_only=False)
+    return meta, rank_state
+
+
+def _saved_full_momentum(step_dir: Path, saved_world: int) -> dict[str, torch.Tensor]:
+    """Per-parameter momentum assembled from the fragments each rank's ZeRO shard records."""
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for r in range(saved_world):
+        files = list(step_dir.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"{step_dir}: expected one optimizer shard for rank {r}, found {files}")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        state = sd["base_optimizer_state"]["state"]
+        for group, mapping in enumerate(sd["param_slice_mappings"]):
+            if "momentum_buffer" not in state.get(group, {}):
+                return {}  # saved before the first optimizer step: there is no momentum yet
+            flat = state[group]["momentum_buffer"]
+            for name, frag in mapping.items():
+                piece = flat.narrow(0, frag.start, frag.numel)
+                pieces.setdefault(plain_name(name), []).append(piece)
+    return {name: torch.cat(parts) for name, parts in pieces.items()}
+
+
+def _reshard_sgd_momentum(engine, step_dir: Path, saved_world: int) -> None:
+    full = _saved_full_momentum(step_dir, saved_world)
+    if not full:
+        return
+    zero = engine.optimizer
+    inner = zero.optimizer  # torch SGD over this rank's flat fp32 partitions
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            inner.state[flat]["momentum_buffer"] = torch.zeros_like(flat)
+    # DeepSpeed links each parameter to its slice of the optimizer state lazily at the first step;
+    # link now so the public setter below can write the slices.
+    zero._lazy_init_hp_params_optimizer_state()
+    for name, p in engine.module.named_parameters():
+        key = plain_name(name)
+        if key not in full:
+            raise KeyError(f"{step_dir}: no saved momentum for parameter {key}")
+        safe_set_full_optimizer_state(p, full[key].view_as(p).to(p.device), "momentum_buffer")

@@ -1,0 +1,79 @@
+"""The DeepSpeed JSON, generated from our config (or a user's file, checked against it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig
+
+
+def grad_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-steps per optimizer step that keep the global batch fixed, or a clear error."""
+    per_step = micro_batch * world_size
+    if global_batch <= 0 or micro_batch <= 0:
+        raise ValueError(f"optim.global_batch ({global_batch}) and data.batch_size ({micro_batch}) "
+                         "must be > 0")
+    if global_batch % per_step:
+        divisors = [b for b in range(1, global_batch + 1) if global_batch % (b * world_size) == 0]
+        raise ValueError(
+            f"optim.global_batch={global_batch} is not divisible by data.batch_size={micro_batch} x "
+            f"world size {world_size} = {per_step}. The global batch is fixed by the recipe; pick a "
+            f"per-rank data.batch_size from {divisors[-6:]} (or change the number of ranks).")
+    return global_batch // per_step
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed config for this run. Precision policy:
+
+    - bf16: the engine stays fp32 (master weights, BN buffers, optimizer) and the trainer autocasts the
+      forward pass to bf16. DeepSpeed's own "bf16" block casts the parameters but not the BatchNorm
+      buffers, which makes every BatchNorm fail on CPU (stack notes §2).
+    - fp16: DeepSpeed's fp16 block with dynamic loss scaling; its CPU accelerator has no fp16 support.
+    - The LIF neurons accumulate the membrane and the surrogate gradient in fp32 in every mode.
+    """
+    micro, gb = cfg.data.batch_size, cfg.optim.global_batch
+    accum = grad_accumulation(gb, micro, world_size)
+    precision = cfg.engine.precision
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"engine.precision must be bf16, fp16 or fp32, got {precision!r}")
+    if precision == "fp16" and not on_gpu:
+        raise ValueError("engine.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16 "
+                         "loss scaler); use engine.precision=bf16 or fp32 on CPU")
+    if cfg.engine.zero_stage not in (0, 1, 2):
+        raise ValueError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.engine.zero_stage}")
+
+    ds: dict[str, Any] = {
+        "train_batch_size": gb,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        # Our optimizer is torch's SGD, which DeepSpeed has not whitelisted for ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+    if cfg.engine.deepspeed_config:
+        ds = _merge_user_config(ds, Path(cfg.engine.deepspeed_config), on_gpu)
+    return ds
+
+
+def _merge_user_config(generated: dict[str, Any], path: Path, on_gpu: bool) -> dict[str, Any]:
+    """The user's JSON wins, except that it must describe the same batch and a precision we support."""
+    user = json.loads(path.read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in user and user[key] != generated[key]:
+            raise ValueError(f"{path}: {key}={user[key]} but the run needs {generated[key]} "
+                             "(optim.global_batch, data.batch_size and the world size decide it; change "
+                             "those instead)")
+    if user.get("bf16", {}).get("enabled") and not on_gpu:
+        raise ValueError(f"{path}: DeepSpeed's bf16 block breaks BatchNorm on CPU; remove it and use "
+                         "engine.precision=bf16 (fp32 engine + bf16 autocast)")
+    if user.get("fp16", {}).get("enabled") and not on_gpu:
+        raise ValueError(f"{path}: fp16 needs a CUDA GPU")
+    return {**generated, **user}

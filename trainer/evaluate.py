@@ -1,0 +1,106 @@
+"""Top-1 / top-5 over the full validation set, summed over all ranks.
+
+Each rank evaluates its share; padding rows (label -1, added so every rank yields the same number of
+batches) are not counted, and the counts are all-reduced, so every sample counts exactly once.
+
+    python -m trainer.evaluate runs/NAME/model.pt                      # the run's own config.yaml
+    python -m trainer.evaluate model.pt --config cfg.yaml --set data.path=data/digits16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dataloaders import build_loader
+from models import create_model
+from models.stats import SpikeMonitor
+from trainer.config import TrainConfig, apply_overrides, load_config
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast around the forward pass; fp32 and fp16 (DeepSpeed casts the model) need none."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def model_input(x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """Batch as the model takes it: time first ([N, T, C, H, W] event data -> [T, N, ...]), on the
+    device, and in half precision for fp16 (DeepSpeed casts the model there, not its inputs)."""
+    x = x.transpose(0, 1) if x.dim() == 5 else x
+    return x.to(device, dtype=torch.half if precision == "fp16" else None, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
+             spikes: bool = True) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, samples, summed loss
+    monitor = SpikeMonitor(model) if spikes else nullcontext()
+    with monitor:
+        for x, y in loader:
+            x, y = model_input(x, device, precision), y.to(device)
+            with autocast(device, precision):
+                logits = model(x)
+            keep = y >= 0
+            logits, y = logits[keep].float(), y[keep]
+            if y.numel() == 0:
+                continue
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == y[:, None]
+            counts += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), y.numel(),
+                                    F.cross_entropy(logits, y, reduction="sum").item()], dtype=torch.float64)
+    model.train(was_training)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    spike_stats = monitor.summary() if spikes and monitor.images else {}
+    if world > 1:
+        dist.all_reduce(counts)
+        if spikes:
+            # Every rank ran the same number of batches, so the mean of the ranks' rates is the rate.
+            keys = sorted(spike_stats)
+            vec = torch.tensor([spike_stats[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(vec)
+            spike_stats = dict(zip(keys, (vec / world).tolist()))
+    n = counts[2].item()
+    if n == 0:
+        raise RuntimeError("the validation loader yielded no labelled samples")
+    return {"val/top1": counts[0].item() / n, "val/top5": counts[1].item() / n,
+            "val/loss": counts[3].item() / n, "val/samples": n, **spike_stats}
+
+
+def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
+    """A model rebuilt from `python -m trainer.export` output, with its weights."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    m = blob["model"]
+    model = create_model(m["name"], num_classes=m["num_classes"], T=m["T"], **m["kwargs"])
+    model.load_state_dict(blob["state_dict"])
+    return model, blob
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="file written by python -m trainer.export")
+    p.add_argument("--config", help="training config (default: config.yaml next to the model file)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--split", default="val")
+    args = p.parse_args(argv)
+    cfg: TrainConfig = load_config(args.config or Path(args.model).parent / "config.yaml")
+    apply_overrides(cfg, args.set)
+    model, blob = load_exported(args.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = build_loader(cfg.data, args.split, 0, 1)
+    metrics = evaluate(model.to(device), loader, device, cfg.engine.precision)
+    print(json.dumps({"model": str(args.model), "step": blob.get("step"), **metrics}))
+
+
+if __name__ == "__main__":
+    main()

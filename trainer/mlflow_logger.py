@@ -1,0 +1,206 @@
+"""Rank-0 MLflow logging that never stops or slows training.
+
+Every call only appends to an in-memory queue; one background thread creates (or reopens) the run and
+sends the queue in order. When the tracking server cannot be reached, training goes on: the thread warns
+once, keeps everything queued and retries every few seconds, so nothing is lost when the server comes
+back. If it is still unreachable when training ends (after `flush_timeout_s`), the unsent items are
+written to `<run_dir>/mlflow_unsent.json` and sent first by the next invocation (e.g. the resume).
+
+A resumed run reopens the MLflow run whose id was stored in the checkpoint. MLflow params are write-once,
+so a resumed run logs only params that are new; a changed value is recorded in the tag
+`resume.changed_params` instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from trainer.config import MlflowConfig
+
+log = logging.getLogger(__name__)
+_ILLEGAL = re.compile(r"[^0-9A-Za-z_\-./ ]")
+_RETRY_S = 3.0
+
+
+def metric_key(key: str) -> str:
+    """MLflow accepts only alphanumerics, '_', '-', '.', '/' and ' ' in keys."""
+    return _ILLEGAL.sub("_", key)
+
+
+class MlflowLogger:
+    def __init__(self, cfg: MlflowConfig, experiment: str, run_name: str, run_id: str | None, spill: Path):
+        # MLflow's HTTP client retries a refused connection for minutes; this thread does its own retrying.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.cfg, self.experiment, self.run_name, self._spill = cfg, experiment, run_name, spill
+        self.uri = cfg.tracking_uri or mlflow.get_tracking_uri()
+        self._client = MlflowClient(self.uri)
+        self._ops: deque[list] = deque()
+        self._run_id = run_id
+        if spill.is_file():
+            leftover = json.loads(spill.read_text())
+            self._run_id = self._run_id or leftover["run_id"]
+            self._ops.extend(leftover["ops"])
+            spill.unlink()
+        self._reopened = self._run_id is not None
+        self._existing_params: dict[str, str] | None = None
+        self._monitor = None
+        self._warned = False
+        self._closing = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    # ---- the training side: never blocks on the network -------------------------------------------
+    def _push(self, op: list) -> None:
+        with self._cv:
+            self._ops.append(op)
+            self._cv.notify()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._push(["params", {k: str(v)[:6000] for k, v in params.items()}])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._push(["tags", {k: str(v) for k, v in tags.items()}])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._push(["metrics", [[metric_key(k), float(v), now, step] for k, v in metrics.items()]])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._push(["artifact", str(path), artifact_path])
+
+    def close(self, status: str = "FINISHED") -> bool:
+        """Flush (waiting up to flush_timeout_s) and end the run. Returns False if items were spilled."""
+        self._push(["terminate", status])
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(self.cfg.flush_timeout_s)
+        with self._cv:
+            left = list(self._ops)
+            self._ops.clear()
+        if not left:
+            return True
+        self._spill.parent.mkdir(parents=True, exist_ok=True)
+        self._spill.write_text(json.dumps({"run_id": self._run_id, "ops": left}))
+        log.warning("MLflow at %s unreachable: %d unsent items saved to %s; the next run in this directory "
+                    "sends them", self.uri, len(left), self._spill)
+        return False
+
+    # ---- the background thread --------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._ops and not self._closing:
+                    self._cv.wait()
+                if not self._ops:
+                    return
+            try:
+                self._ensure_run()
+                self._send_queued()
+            except Exception as e:  # the server or network; training must not notice
+                if not self._warned:
+                    log.warning("MLflow logging to %s failed (%s: %s); training continues, metrics are kept "
+                                "and retried", self.uri, type(e).__name__, str(e).splitlines()[0][:200])
+                    self._warned = True
+                with self._cv:
+                    self._cv.wait(_RETRY_S)
+
+    def _ensure_run(self) -> None:
+        if self._run_id is None:
+            exp = self._client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+            self._run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
+        if self._existing_params is None:
+            try:
+                run = self._client.get_run(self._run_id)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                # The checkpoint names a run this tracking store does not have (another store now).
+                log.warning("MLflow run %s not found at %s; logging to a new run", self._run_id, self.uri)
+                self._run_id, self._reopened = None, False
+                return self._ensure_run()
+            self._existing_params = dict(run.data.params)
+            if run.info.status != "RUNNING":
+                self._client.update_run(self._run_id, status="RUNNING")
+        if self.cfg.system_metrics and self._monitor is None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self._run_id, resume_logging=self._reopened,
+                                                 tracking_uri=self.uri)
+            self._monitor.start()
+
+    def _send_queued(self) -> None:
+        while True:
+            with self._cv:
+                if not self._ops:
+                    return
+                op = self._ops[0]
+                # Consecutive metric batches go out in one request (MLflow takes up to 1000 per call).
+                batch = [op]
+                if op[0] == "metrics":
+                    n = len(op[1])
+                    for nxt in list(self._ops)[1:]:
+                        if nxt[0] != "metrics" or n + len(nxt[1]) > 1000:
+                            break
+                        batch.append(nxt)
+                        n += len(nxt[1])
+            self._send(batch)
+            with self._cv:
+                for _ in batch:
+                    self._ops.popleft()
+
+    def _send(self, batch: list[list]) -> None:
+        kind = batch[0][0]
+        c, rid = self._client, self._run_id
+        if kind == "metrics":
+            metrics = [Metric(k, v, ts, step) for op in batch for k, v, ts, step in op[1]]
+            c.log_batch(rid, metrics=metrics)
+        elif kind == "params":
+            self._send_params(batch[0][1])
+        elif kind == "tags":
+            tags = [RunTag(k, v) for k, v in batch[0][1].items()]
+            for i in range(0, len(tags), 100):
+                c.log_batch(rid, tags=tags[i:i + 100])
+        elif kind == "artifact":
+            _, path, artifact_path = batch[0]
+            if Path(path).exists():
+                c.log_artifact(rid, path, artifact_path)
+            else:
+                log.warning("MLflow artifact %s vanished before it could be uploaded; skipped", path)
+        elif kind == "terminate":
+            if self._monitor is not None:
+                self._monitor.finish()
+                self._monitor = None
+            c.set_terminated(rid, batch[0][1])
+
+    def _send_params(self, params: dict[str, str]) -> None:
+        existing = self._existing_params or {}
+        new = {k: v for k, v in params.items() if k not in existing}
+        changed = {k: f"{existing[k]} -> {v}" for k, v in params.items()
+                   if k in existing and existing[k] != v}
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self._run_id, params=items[i:i + 100])
+        existing.update(new)
+        if changed:
+            self._client.set_tag(self._run_id, "resume.changed_params", json.dumps(changed)[:5000])
