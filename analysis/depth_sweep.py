@@ -2,8 +2,8 @@
 by the trainer and every number read back from MLflow.
 
     # the reduced sweep in docs/ (real handwritten digits at 16 px, 2 CPU cores)
-    python -m analysis.depth_sweep --dataset digits --depths 20,56,110 --families ms,spiking,sew \\
-        --epochs 3 --T 2 --jobs 2 --set data.batch_size=32 optim.global_batch=32 optim.lr=0.1 log_every=5 \\
+    python -m analysis.depth_sweep --dataset digits --depths 20,32,56,110 --families ms,spiking,sew \\
+        --epochs 6 --T 2 --jobs 2 --set data.batch_size=32 optim.global_batch=32 optim.lr=0.1 log_every=5 \\
         --out docs
     # the paper's sweep, each run through the Ray launcher on a GPU cluster
     python -m analysis.depth_sweep --dataset cifar10 --data-path /mnt/shared/cifar10-wds \\

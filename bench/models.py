@@ -18,6 +18,8 @@ loss of one training step, divided by batch * T. Dedupe: a tensor counts as its 
 once per storage (keyed by storage data_ptr, unique because packed tensors stay alive until backward);
 slices of one buffer (e.g. x[t]) therefore count once, and a saved view counts the full buffer it pins.
 Parameters, and autocast's low-precision copies of them, are left out: they do not scale with batch or T.
+peak RSS: ru_maxrss of the row's process. warm-up s: the untimed first steps (includes compilation).
+load: the 1-minute load average as the row ended (2 cores: well above 2, timings are inflated).
 
 fp32 min: the analytic floor for exact backprop without recomputing convs: the fp32 bytes of the input
 of every Conv2d, BatchNorm2d and Linear (the weight gradient needs a conv's input; BN's backward needs
@@ -294,13 +296,14 @@ def report(cfg: Config, rows: list[dict], fp32_min: int, check: str) -> list[str
     lines = [f"== {cfg.title}, T={cfg.T}, batch {cfg.batch}, {cfg.num_classes} classes "
              f"(warm-up {cfg.warmup}, timed {cfg.steps} steps)", "   " + check,
              f"   {'row':<30}{'img/s':>8}{'vs best SJ':>12}{'saved B/(sample*t)':>20}{'vs min SJ':>11}"
-             f"{'vs fp32 min':>13}{'peak RSS MiB':>14}"]
+             f"{'vs fp32 min':>13}{'peak RSS MiB':>14}{'warm-up s':>11}{'load':>6}"]
     for r in rows:
         speed = f"{r['images_per_s'] / best_speed:.2f}x" if best_speed else "-"
         mem = f"{r['saved_per_sample_step'] / least_saved:.2f}x" if least_saved else "-"
         saved = r["saved_per_sample_step"]
         lines.append(f"   {r['label']:<30}{r['images_per_s']:>8.2f}{speed:>12}{saved:>20,.0f}"
-                     f"{mem:>11}{saved / per_st:>12.2f}x{r['peak_rss_mib']:>14,.0f}")
+                     f"{mem:>11}{saved / per_st:>12.2f}x{r['peak_rss_mib']:>14,.0f}{r['warmup_s']:>11.1f}"
+                     f"{r['load_avg_1min']:>6.1f}")
     lines.append(f"   {'analytic fp32 minimum':<30}{'':>8}{'':>12}{per_st:>20,.0f}"
                  f"{(f'{per_st / least_saved:.2f}x' if least_saved else '-'):>11}{1.0:>12.2f}x")
     targets = []

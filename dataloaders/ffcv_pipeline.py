@@ -30,10 +30,6 @@ from ffcv.traversal_order.base import TraversalOrder
 from dataloaders.order import mix_seed
 from dataloaders.transforms import seeded
 
-# Compiled once per process: a new epoch then recompiles only the small decode loop below.
-_imdecode, _resize_crop, _random_crop, _mix_seed = map(Compiler.compile,
-                                                       (imdecode, resize_crop, get_random_crop, mix_seed))
-
 
 class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     """RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + optional flip, reproducible per (key, sample)."""
@@ -48,7 +44,10 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
 
     def generate_code(self):
         jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
-        imdecode_c, resize_crop_c, get_crop_c, mix_c = _imdecode, _resize_crop, _random_crop, _mix_seed
+        # Fresh dispatchers per compilation, as FFCV's own decoders do: numba dispatchers shared between
+        # generated pipelines break once one of those pipelines is garbage collected.
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        get_crop_c, mix_c = Compiler.compile(get_random_crop), Compiler.compile(mix_seed)
         scale, ratio, flip, key = np.array(self.scale), np.array(self.ratio), self.flip, np.uint64(self.key)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -75,6 +74,19 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
 
         decode.is_parallel = True
         return decode
+
+
+def _next(epoch_iter):
+    """next(epoch_iter), but an error instead of a hang when FFCV's loading thread has died (FFCV prints
+    the thread's exception and leaves the consumer waiting forever)."""
+    q = epoch_iter.output_queue
+    with q.not_empty:  # holds q.mutex: hence the lock-free _qsize
+        while not q._qsize():
+            if not epoch_iter.is_alive():
+                raise RuntimeError("FFCV's loading thread stopped in the middle of an epoch; its error is "
+                                   "printed above")
+            q.not_empty.wait(timeout=1.0)
+    return next(epoch_iter)
 
 
 class _PlannedOrder(TraversalOrder):
@@ -130,7 +142,7 @@ class FfcvBackend:
             if not n:
                 yield torch.zeros((len(row), *self.blank_shape), dtype=self.dtype), y, 0
                 continue
-            images, labels = next(self._epoch_iter)
+            images, labels = _next(self._epoch_iter)
             if self.augment is not None:
                 images = torch.stack([seeded(self.augment, im, None if seeds is None else int(seeds[r, k]))
                                       for k, im in enumerate(images)])

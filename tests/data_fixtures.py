@@ -1,7 +1,8 @@
 """Small raw data sets in their real formats, and conversions of them, built once per test session.
 
-Imported by the tests/test_data_*.py files; each builder caches its result in the session's base temp
-folder, so several test modules share one copy.
+The tests/test_data_*.py files load this module with `pytest_plugins = ["data_fixtures"]`, which registers
+it once, so the session fixtures are shared; builders also mark finished output in the session's temp
+folder.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import csv
 import pytest
 import torch
 
-from analysis.spikes import main, measure
 from analysis.loading import load_checkpoint_model, real_batches
+from analysis.spikes import main, measure
 from models import create_model
 from models.stats import E_AC_PJ, E_MAC_PJ
 

@@ -80,8 +80,10 @@ def test_imagenet_read_back(fmt, write_mode, round_trip_src, tmp_path):
     err = (_to_uint8(x[:n], IMAGENET_MEAN, IMAGENET_STD).int() - ref.int()).abs().float()
     if write_mode == "raw":
         assert err.max() == 0
-    else:
-        assert err.mean() < 3.0 and err.max() < 64, (err.mean(), err.max())
+    elif fmt == "wds":  # the file's own bytes: only two builds of libjpeg-turbo may round differently
+        assert err.mean() < 0.1 and err.max() <= 2, (err.mean(), err.max())
+    else:  # decoded, then JPEG-encoded again at quality 90 by FFCV
+        assert 0 < err.mean() < 2.5 and err.max() <= 24, (err.mean(), err.max())
 
 
 def _ranks(loader: Loader, world: int) -> list[Loader]:

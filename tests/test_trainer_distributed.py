@@ -74,9 +74,9 @@ def _two_rank_worker(rank: int, data: Path, out: Path) -> None:
         run(f"bf16_z{zero}", f"engine.zero_stage={zero}", *RESUME, "engine.precision=bf16")
         mlflow = ["mlflow.enabled=true", "mlflow.experiment=trainer-tests"] if zero == 0 else []
         run(f"resumed_z{zero}#1", f"engine.zero_stage={zero}", *RESUME, f"stop_at_step={STOP}", *mlflow)
-        # The ZeRO-2 continuation also checkpoints every block's activations (SyncBN statistics are then
-        # all-reduced again inside backward): it must still match the uninterrupted run bit for bit.
-        ckpt = ["engine.activation_checkpointing=1"] if zero == 2 else []
+        # The ZeRO-2 continuation also checkpoints activations, in segments of 3 blocks (SyncBN statistics
+        # are then all-reduced again inside backward): it must still match the uninterrupted run bit for bit.
+        ckpt = ["engine.activation_checkpointing=1", "engine.checkpoint_segment=3"] if zero == 2 else []
         run(f"resumed_z{zero}#2", f"engine.zero_stage={zero}", *RESUME, *mlflow, *ckpt)
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, default=str))

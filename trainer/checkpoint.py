@@ -33,14 +33,6 @@ META = "meta.json"
 LATEST = "latest"
 
 
-def plain_name(name: str) -> str:
-    """A parameter name as in models.create_model(...): without DeepSpeed's `module.`, torch.compile's
-    `_orig_mod.` or the activation-checkpoint wrapper's `_checkpoint_wrapped_module.` parts."""
-    for prefix in ("module.", "_orig_mod."):
-        name = name.removeprefix(prefix)
-    return name.replace("_checkpoint_wrapped_module.", "").replace("._orig_mod.", ".")
-
-
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -171,7 +163,7 @@ def _saved_full_momentum(step_dir: Path, saved_world: int) -> dict[str, torch.Te
             flat = state[group]["momentum_buffer"]
             for name, frag in mapping.items():
                 piece = flat.narrow(0, frag.start, frag.numel)
-                pieces.setdefault(plain_name(name), []).append(piece)
+                pieces.setdefault(name, []).append(piece)
     return {name: torch.cat(parts) for name, parts in pieces.items()}
 
 
@@ -188,7 +180,6 @@ def _reshard_sgd_momentum(engine, step_dir: Path, saved_world: int) -> None:
     # link now so the public setter below can write the slices.
     zero._lazy_init_hp_params_optimizer_state()
     for name, p in engine.module.named_parameters():
-        key = plain_name(name)
-        if key not in full:
-            raise KeyError(f"{step_dir}: no saved momentum for parameter {key}")
-        safe_set_full_optimizer_state(p, full[key].view_as(p).to(p.device), "momentum_buffer")
+        if name not in full:
+            raise KeyError(f"{step_dir}: no saved momentum for parameter {name}")
+        safe_set_full_optimizer_state(p, full[name].view_as(p).to(p.device), "momentum_buffer")

@@ -57,7 +57,10 @@ class EngineConfig:
     or 'fp32'."""
     zero_stage: int = 0
     activation_checkpointing: int = 0
-    """Checkpoint every k-th residual block over the whole T sequence; 0 disables it."""
+    """Checkpoint every k-th residual block (or segment) over the whole T sequence; 0 disables it."""
+    checkpoint_segment: int = 1
+    """Consecutive blocks checkpointed as one unit: its input is kept and backward recomputes the whole
+    unit. 1 = each block on its own; longer segments keep fewer inputs at the same recompute cost."""
     sync_bn: bool = True
     compile: bool = False
     deepspeed_config: str = ""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import find_resume_checkpoint, plain_name, read_meta
+from trainer.checkpoint import find_resume_checkpoint, read_meta
 
 
 def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -28,7 +28,7 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     else:
         model_file = step_dir / "mp_rank_00_model_states.pt"
         sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    return {plain_name(k): (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:

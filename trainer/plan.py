@@ -3,7 +3,10 @@
     python -m trainer.plan --model ms_resnet104 --T 6 --res 224 --gpu-mem 80
     python -m trainer.plan --model ms_resnet482 --T 6 --res 32 --gpu-mem 80 --calib-res 16 --validate
 
-Model of a training step's peak memory, per setting (no checkpointing, or every k-th block):
+Settings (`--settings`): `none`; `k` = checkpoint every k-th residual block; `kxs` = every k-th segment
+of s consecutive blocks (engine.activation_checkpointing=k, engine.checkpoint_segment=s).
+
+Model of a training step's peak memory, per setting:
 
     peak(batch, res) = fixed + batch * per_image(calib_res) * (res / calib_res)^2
 
@@ -114,18 +117,25 @@ def measure_step(model: nn.Module, batch: int, res: int, num_classes: int, devic
     return StepStats(statistics.median(times), peak, base)
 
 
-def build(name: str, T: int, every: int, num_classes: int | None = None) -> nn.Module:
-    kw = {"T": T} if num_classes is None else {"T": T, "num_classes": num_classes}
-    model = create_model(name, **kw)
-    apply_activation_checkpointing(model, every)
+def parse_setting(setting: str) -> tuple[int, int]:
+    """'none' -> (0, 1), 'k' -> (k, 1), 'kxs' -> (k, s): (activation_checkpointing, checkpoint_segment)."""
+    if setting == "none":
+        return 0, 1
+    every, _, segment = setting.partition("x")
+    return int(every), int(segment or 1)
+
+
+def build(name: str, T: int, setting: str) -> nn.Module:
+    model = create_model(name, T=T)
+    apply_activation_checkpointing(model, *parse_setting(setting))
     return model
 
 
-def measure(name: str, T: int, every: int, batch: int, res: int, device: torch.device,
+def measure(name: str, T: int, setting: str, batch: int, res: int, device: torch.device,
             steps: int = 1) -> StepStats:
     """One setting's step, in a fresh model."""
     torch.manual_seed(0)
-    model = build(name, T, every)
+    model = build(name, T, setting)
     stats = measure_step(model, batch, res, model.num_classes, device, steps=steps)
     del model
     return stats
@@ -133,7 +143,7 @@ def measure(name: str, T: int, every: int, batch: int, res: int, device: torch.d
 
 @dataclass
 class Fit:
-    every: int
+    setting: str
     held: float
     """Held across steps: weights and momentum (on a CPU, the whole process)."""
     step_fixed: float
@@ -153,13 +163,13 @@ class Fit:
         return max(0, int((budget - self.held - self.step_fixed) // per))
 
 
-def calibrate(name: str, T: int, every: int, calib_res: int, device: torch.device) -> Fit:
-    s1, s2 = (measure(name, T, every, b, calib_res, device) for b in (1, 2))
-    return Fit(every, held=s1.base_bytes, step_fixed=2 * s1.peak_bytes - s2.peak_bytes,
+def calibrate(name: str, T: int, setting: str, calib_res: int, device: torch.device) -> Fit:
+    s1, s2 = (measure(name, T, setting, b, calib_res, device) for b in (1, 2))
+    return Fit(setting, held=s1.base_bytes, step_fixed=2 * s1.peak_bytes - s2.peak_bytes,
                per_image=s2.peak_bytes - s1.peak_bytes, calib_res=calib_res)
 
 
-def largest_fitting_batch(name: str, T: int, every: int, res: int, cap_gib: float,
+def largest_fitting_batch(name: str, T: int, setting: str, res: int, cap_gib: float,
                           device: torch.device) -> int:
     """Largest batch whose step runs with the allocator capped at cap_gib (GPU only)."""
     total = torch.cuda.get_device_properties(device).total_memory
@@ -167,7 +177,7 @@ def largest_fitting_batch(name: str, T: int, every: int, res: int, cap_gib: floa
 
     def fits(b: int) -> bool:
         try:
-            measure(name, T, every, b, res, device)
+            measure(name, T, setting, b, res, device)
             return True
         except torch.OutOfMemoryError:
             return False
@@ -192,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--gpu-mem", type=float, default=80, help="GPU memory in GB (1e9 bytes), as sold")
     p.add_argument("--reserve-gib", type=float, default=2.0, help="CUDA context, NCCL buffers, headroom")
-    p.add_argument("--every", default="0,1,2,4,8", help="checkpoint every k-th block; 0 = none")
+    p.add_argument("--settings", default="none,1,2,4,1x4,1x8", help="none, k (every k-th block) or "
+                   "kxs (every k-th segment of s blocks), comma-separated")
     p.add_argument("--calib-res", type=int, default=64)
     p.add_argument("--validate", action="store_true", help="measure held-out points, print the errors")
     p.add_argument("--cap-gib", type=float, default=16.0, help="--validate on GPU: memory cap for the "
@@ -201,14 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     budget = args.gpu_mem * 1e9 - args.reserve_gib * GiB
-    settings = [int(k) for k in args.every.split(",")]
+    settings = args.settings.split(",")
     print(f"{args.model}, T={args.T}, {args.res}px, bf16, SGD; budget {budget / GiB:.1f} GiB of "
           f"{args.gpu_mem:g} GB; calibrated on {device} at {args.calib_res}px, batch 1 and 2")
     print(f"{'checkpointing':>14}{'held GiB':>10}{'step fixed':>12}{'GiB/image':>11}{'max batch/GPU':>15}")
     fits = {}
     for k in settings:
         fit = fits[k] = calibrate(args.model, args.T, k, args.calib_res, device)
-        label = "none" if k == 0 else f"every {k}"
+        every, segment = parse_setting(k)
+        label = "none" if not every else f"every {every}" + (f" x{segment}" if segment > 1 else "")
         per = fit.per_image * (args.res / args.calib_res) ** 2
         print(f"{label:>14}{fit.held / GiB:>10.2f}{fit.step_fixed / GiB:>12.2f}{per / GiB:>11.3f}"
               f"{fit.max_batch(args.res, budget):>15}", flush=True)
@@ -222,12 +234,12 @@ def main(argv: list[str] | None = None) -> None:
             got = measure(args.model, args.T, k, b, vres, device).peak_bytes
             pred = fit.step_peak(b, vres)
             errors.append(abs(pred - got) / got)
-            print(f"  every={k} batch={b}: predicted {pred / GiB:.3f} GiB, measured {got / GiB:.3f} GiB, "
+            print(f"  {k} batch={b}: predicted {pred / GiB:.3f} GiB, measured {got / GiB:.3f} GiB, "
                   f"error {100 * (pred - got) / got:+.1f}%", flush=True)
         if device.type == "cuda":
             pred_b = fit.max_batch(vres, args.cap_gib * GiB)
             real_b = largest_fitting_batch(args.model, args.T, k, vres, args.cap_gib, device)
-            print(f"  every={k}: largest batch under {args.cap_gib:g} GiB: predicted {pred_b}, "
+            print(f"  {k}: largest batch under {args.cap_gib:g} GiB: predicted {pred_b}, "
                   f"measured {real_b}", flush=True)
     print(f"mean |error| of the step-memory prediction: {100 * statistics.mean(errors):.1f}%, "
           f"max {100 * max(errors):.1f}%")

@@ -20,6 +20,7 @@ import resource
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +370,10 @@ if __name__ == "__main__":
     code = 1
     try:
         code = main()
+    except SystemExit as e:  # argparse: --help, usage errors
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()  # os._exit below would swallow it
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

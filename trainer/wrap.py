@@ -1,6 +1,6 @@
 """The one step that turns a single-device model into a training engine, in a fixed order:
 
-SyncBN conversion -> activation checkpointing (every k-th residual block) -> optional compile ->
+SyncBN conversion -> activation checkpointing (residual blocks or segments of them) -> optional compile ->
 deepspeed.initialize with SGD and the learning-rate schedule.
 
 Model code never knows about any of this.
@@ -8,7 +8,9 @@ Model code never knows about any of this.
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint
 
 from trainer.config import OptimConfig, TrainConfig
@@ -92,8 +93,8 @@ def _frozen_bn_stats(module: nn.Module):
             bn.num_batches_tracked.copy_(count)
 
 
-def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Checkpoint one residual block over its whole [T, N, C, H, W] sequence.
+def _checkpoint_segment(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Run consecutive residual blocks under one checkpoint over the whole [T, N, C, H, W] sequence.
 
     The LIF neurons keep their membrane as a local variable, so the recomputation in backward starts
     from the same zero state and reproduces the forward exactly. BatchNorm is the one module with
@@ -102,31 +103,52 @@ def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     calls = 0
 
-    def run(inp: torch.Tensor) -> torch.Tensor:
+    def run(h: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        if calls == 1:
-            return block(inp)
-        with _frozen_bn_stats(block):
-            return block(inp)
+        for block in blocks:
+            if calls == 1:
+                h = block(h)
+            else:
+                with _frozen_bn_stats(block):
+                    h = block(h)
+        return h
 
     return checkpoint(run, x, use_reentrant=False)
 
 
-def apply_activation_checkpointing(model: nn.Module, every: int) -> int:
-    """Wrap every `every`-th block of `model.blocks` (the first one included); returns how many.
+def _forward_with_checkpoints(model: nn.Module, x: torch.Tensor, plan: tuple) -> torch.Tensor:
+    h = model.stem_forward(x)
+    recompute = model.training and torch.is_grad_enabled()
+    for start, stop, checkpointed in plan:
+        blocks = [model.blocks[i] for i in range(start, stop)]
+        if checkpointed and recompute:
+            h = _checkpoint_segment(blocks, h)
+        else:
+            for block in blocks:
+                h = block(h)
+    return model.head_forward(h)
 
-    torch's CheckpointWrapper keeps parameter and state-dict names unchanged, so checkpoints written
-    with and without activation checkpointing are interchangeable.
+
+def apply_activation_checkpointing(model: nn.Module, every: int, segment: int = 1) -> int:
+    """Checkpoint residual blocks over their whole time sequence; returns how many blocks are covered.
+
+    `model.blocks` is cut into segments of `segment` consecutive blocks, and every `every`-th segment
+    (the first included) is checkpointed as one unit: only its input is kept, and backward recomputes
+    the whole segment. segment=1, every=1 checkpoints each block; every=k alone checkpoints one block in
+    k (less recomputation, more memory); longer segments keep fewer inputs but recompute more at once.
+    The model's modules and parameter names are untouched (only its forward is replaced), so
+    checkpoints written with and without activation checkpointing are interchangeable.
     """
     if every <= 0:
         return 0
-    wrapped = 0
-    for i, block in enumerate(model.blocks):
-        if i % every == 0 and not isinstance(block, CheckpointWrapper):
-            model.blocks[i] = checkpoint_wrapper(block, checkpoint_fn=_checkpoint_block)
-            wrapped += 1
-    return wrapped
+    if segment < 1:
+        raise ValueError(f"engine.checkpoint_segment must be >= 1, got {segment}")
+    n = len(model.blocks)
+    plan = tuple((i, min(i + segment, n), (i // segment) % every == 0) for i in range(0, n, segment))
+    # A method bound to the model, so that copy.deepcopy(model) rebinds it to the copy.
+    model.forward = types.MethodType(functools.partial(_forward_with_checkpoints, plan=plan), model)
+    return sum(stop - start for start, stop, checkpointed in plan if checkpointed)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int, steps_per_epoch: int):
@@ -155,7 +177,7 @@ def wrap(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], total_st
     world = dist.get_world_size() if dist.is_initialized() else 1
     if cfg.engine.sync_bn and world > 1:
         model = convert_sync_batchnorm(model, on_gpu)
-    apply_activation_checkpointing(model, cfg.engine.activation_checkpointing)
+    apply_activation_checkpointing(model, cfg.engine.activation_checkpointing, cfg.engine.checkpoint_segment)
     if on_gpu:
         model = model.cuda()
     if cfg.engine.compile:
