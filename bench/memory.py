@@ -11,10 +11,13 @@ Rows per config, each in a fresh process (so one row's allocations cannot hide i
 A step is bf16 autocast forward + loss + backward + SGD (momentum) on random data
 (`trainer.plan.measure_step`).
 
-Columns: median step time; "act GiB" = the step's peak memory above what is held before it (weights,
-momentum), i.e. activations plus gradients and transients (on a GPU the caching allocator's peak
-reservation, on a CPU the growth of the peak resident set); memory vs sj and time vs none. (Bytes packed
-for backward, as bench.models counts them, would miss what checkpointing holds and recomputes.)
+Columns: median step time (wall; on a CPU also the process's CPU time, which other load does not
+inflate, and "time vs none" uses it); "step GiB" = the step's peak memory above what is held before it (weights,
+momentum): on a GPU the caching allocator's peak reservation, on a CPU the growth of the peak resident
+set; "act GiB" = the part of it that grows with the batch (batch x the difference between the step
+peaks at this batch and at batch 1), i.e. activations and what backward recomputes, without gradients,
+weight casts and optimizer temporaries; act vs sj; time vs none. (Bytes packed for backward, as
+bench.models counts them, would miss what checkpointing holds and recomputes.)
 
 Target (reported, never asserted, marked on every checkpointed row): <= 0.1x the peer's activation
 memory at <= 1.35x our own no-checkpoint step time.
@@ -50,7 +53,10 @@ def run_row(name: str, res: int, row: str, batch: int, T: int, steps: int, devic
         reset = None
     classes = model.fc.out_features
     stats = measure_step(model, batch, res, classes, dev, steps=steps, before_forward=reset)
-    return {"row": row, "step_s": stats.step_s, "act_bytes": stats.peak_bytes, "held_bytes": stats.base_bytes}
+    one = measure_step(model, 1, res, classes, dev, steps=0, before_forward=reset)
+    per_image = (stats.peak_bytes - one.peak_bytes) / (batch - 1)
+    return {"row": row, "step_s": stats.step_s, "cpu_s": stats.cpu_s, "step_bytes": stats.peak_bytes,
+            "held_bytes": stats.base_bytes, "act_bytes": per_image * batch, "device": device}
 
 
 def _spawn(name, res, row, args) -> dict:
@@ -67,20 +73,21 @@ def _spawn(name, res, row, args) -> dict:
 def report(title: str, rows: list[dict]) -> list[str]:
     by = {r["row"]: r for r in rows}
     sj, none = by.get("sj", {}), by.get("none", {})
-    out = [title, f"{'row':>10}{'step s':>9}{'act GiB':>10}{'held GiB':>10}{'act vs sj':>11}"
+    out = [title, f"{'row':>10}{'step s':>9}{'cpu s':>9}{'step GiB':>10}{'act GiB':>9}{'act vs sj':>11}"
                   f"{'time vs none':>14}"]
     for r in rows:
         if "error" in r:
             out.append(f"{r['row']:>10}  failed: {r['error'][:90]}")
             continue
         mem = r["act_bytes"] / sj["act_bytes"] if sj.get("act_bytes") else float("nan")
-        tim = r["step_s"] / none["step_s"] if none.get("step_s") else float("nan")
+        key = "cpu_s" if r.get("device") == "cpu" else "step_s"
+        tim = r[key] / none[key] if none.get(key) else float("nan")
         mark = ""
         if r["row"] not in ("none", "sj"):
             ok = mem <= MEM_TARGET and tim <= TIME_TARGET
             mark = f"  target <= {MEM_TARGET}x / <= {TIME_TARGET}x: {'PASS' if ok else 'MISS'}"
-        out.append(f"{r['row']:>10}{r['step_s']:>9.3f}{r['act_bytes'] / GiB:>10.3f}"
-                   f"{r['held_bytes'] / GiB:>10.3f}{mem:>10.3f}x{tim:>13.2f}x{mark}")
+        out.append(f"{r['row']:>10}{r['step_s']:>9.3f}{r['cpu_s']:>9.3f}{r['step_bytes'] / GiB:>10.3f}"
+                   f"{r['act_bytes'] / GiB:>9.3f}{mem:>10.3f}x{tim:>13.2f}x{mark}")
     return out
 
 
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="ms_resnet104@224,ms_resnet482@32", help="model@resolution, ...")
     p.add_argument("--settings", default="1,4,1x8", help="checkpointing rows: k or kxs (see above)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help=">= 2 (activations = growth over batch 1)")
     p.add_argument("--T", type=int, default=6)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

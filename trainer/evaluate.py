@@ -49,12 +49,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
     with monitor:
         for x, y in loader:
             x, y = model_input(x, device, precision), y.to(device)
-            with autocast(device, precision):
-                logits = model(x)
+            # Padding rows (label -1) are dropped before the model sees them, so they count neither in
+            # accuracy nor in the spike and energy statistics (eval-mode BN makes this exact).
             keep = y >= 0
-            logits, y = logits[keep].float(), y[keep]
-            if y.numel() == 0:
+            if not keep.any():
                 continue
+            x, y = (x[keep] if x.dim() == 4 else x[:, keep]), y[keep]
+            with autocast(device, precision):
+                logits = model(x).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top == y[:, None]
             counts += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), y.numel(),
@@ -65,11 +67,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
     if world > 1:
         dist.all_reduce(counts)
         if spikes:
-            # Every rank ran the same number of batches, so the mean of the ranks' rates is the rate.
+            # Per-image statistics, weighted by the real images each rank evaluated.
             keys = sorted(spike_stats)
-            vec = torch.tensor([spike_stats[k] for k in keys], dtype=torch.float64)
+            images = float(monitor.images)
+            vec = torch.tensor([spike_stats.get(k, 0.0) * images for k in keys] + [images], dtype=torch.float64)
             dist.all_reduce(vec)
-            spike_stats = dict(zip(keys, (vec / world).tolist()))
+            spike_stats = dict(zip(keys, (vec[:-1] / vec[-1]).tolist()))
     n = counts[2].item()
     if n == 0:
         raise RuntimeError("the validation loader yielded no labelled samples")

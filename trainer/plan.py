@@ -44,7 +44,10 @@ GiB = 2**30
 @dataclass
 class StepStats:
     step_s: float
-    """Median wall time of the timed steps."""
+    """Median wall time of the timed steps (nan with steps=0)."""
+    cpu_s: float
+    """Median CPU time of this process (all threads) per timed step: on a shared CPU machine it is the
+    figure that does not depend on what else runs."""
     peak_bytes: int
     """Peak memory of one step above the memory held before it (weights and optimizer state)."""
     base_bytes: int
@@ -105,16 +108,18 @@ def measure_step(model: nn.Module, batch: int, res: int, num_classes: int, devic
     base = _settle(device)
     step()
     peak = _peak(device) - base
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    return StepStats(statistics.median(times), peak, base)
+        cpu.append(time.process_time() - c0)
+    median = (lambda v: statistics.median(v) if v else float("nan"))  # noqa: E731
+    return StepStats(median(times), median(cpu), peak, base)
 
 
 def parse_setting(setting: str) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from analysis.gradlog import BlockGradNorms
 from dataloaders import build_loader
 from models import create_model
 from trainer.checkpoint import complete_checkpoints, find_resume_checkpoint, load_checkpoint, save_checkpoint
@@ -265,18 +267,22 @@ def train(cfg: TrainConfig, report: Report | None = None) -> dict[str, Any]:
                dynamic_ncols=True)
     end = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else total_steps
     window = _Window(device)
+    grad_norms = BlockGradNorms(engine)  # hooks only inside `with`, on the last micro-batch of logging steps
     engine.train()
     while prog.step < end:
         micro = 0
         t0 = time.perf_counter()
         for x, y in train_loader:  # starts mid-epoch after a resume
             x, y = model_input(x, device, cfg.engine.precision), y.to(device, non_blocking=True)
-            with autocast(device, cfg.engine.precision):
-                logits = engine(x)
-            # Label -1 marks a sample the loader could not decode (logged and counted there).
-            loss = (F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing,
-                                    ignore_index=-1) if (y >= 0).any() else logits.float().sum() * 0.0)
-            engine.backward(loss)
+            next_step = prog.step + 1
+            probe = micro == accum - 1 and (next_step % cfg.log_every == 0 or next_step == end)
+            with grad_norms if probe else nullcontext():
+                with autocast(device, cfg.engine.precision):
+                    logits = engine(x)
+                # Label -1 marks a sample the loader could not decode (logged and counted there).
+                loss = (F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing,
+                                        ignore_index=-1) if (y >= 0).any() else logits.float().sum() * 0.0)
+                engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer on the last micro-batch of each step only
             window.add(loss.detach(), logits.detach(), y)
             micro += 1
@@ -292,9 +298,14 @@ def train(cfg: TrainConfig, report: Report | None = None) -> dict[str, Any]:
                 last_train = {**window.metrics(cfg.optim.global_batch), "optim/lr": engine.get_lr()[0],
                               "memory/peak_gib": peak_memory_gib(device), "progress/epoch": prog.epoch,
                               "progress/images_seen": prog.step * cfg.optim.global_batch}
+                # DeepSpeed divides each micro-batch loss by `accum` (and multiplies by the fp16 loss scale).
+                grad_scale = 1.0 / accum
                 if cfg.engine.precision == "fp16":
                     last_train["amp/skipped_steps"] = engine.skipped_steps
                     last_train["amp/loss_scale"] = getattr(engine.optimizer, "cur_scale", float("nan"))
+                    grad_scale *= getattr(engine.optimizer, "cur_scale", 1.0)
+                last_train.update(grad_norms.metrics(loss_scale=grad_scale))
+                last_train.update(train_loader.metrics())
                 window = _Window(device)
                 log(last_train)
                 if rank == 0:
