@@ -12,13 +12,7 @@ from analysis.gradlog import BlockGradNorms
 from analysis.loading import real_batches
 from models import create_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model():

@@ -15,14 +15,7 @@ from analysis.loading import real_batches
 from models import LIF, create_model
 from models.blocks import MSBlock, SpikingBlock
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny: thread start-up costs more than the work, badly so on a loaded machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _exact_bdi(block, x):

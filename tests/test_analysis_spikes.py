@@ -13,13 +13,7 @@ from analysis.spikes import main, measure
 from models import create_model
 from models.stats import E_AC_PJ, E_MAC_PJ
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_ish(name="ms_resnet20", T=3):
