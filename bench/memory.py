@@ -12,7 +12,8 @@ A step is bf16 autocast forward + loss + backward + SGD (momentum) on random dat
 (`trainer.plan.measure_step`).
 
 Columns: median step time (wall; on a CPU also the process's CPU time, which other load does not
-inflate, and "time vs none" uses it); "step GiB" = the step's peak memory above what is held before it (weights,
+inflate as long as the row runs one thread, the CPU default here, and "time vs none" uses it);
+"step GiB" = the step's peak memory above what is held before it (weights,
 momentum): on a GPU the caching allocator's peak reservation, on a CPU the growth of the peak resident
 set; "act GiB" = the part of it that grows with the batch (batch x the difference between the step
 peaks at this batch and at batch 1), i.e. activations and what backward recomputes, without gradients,
@@ -36,10 +37,13 @@ MEM_TARGET, TIME_TARGET = 0.1, 1.35
 GiB = 2**30
 
 
-def run_row(name: str, res: int, row: str, batch: int, T: int, steps: int, device: str) -> dict:
+def run_row(name: str, res: int, row: str, batch: int, T: int, steps: int, device: str,
+            threads: int) -> dict:
     from trainer.plan import build, measure_step
 
     dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)  # several threads spin-wait on a busy machine, inflating CPU time
     torch.manual_seed(0)
     if row == "sj":
         from spikingjelly.activation_based import functional as sjf
@@ -62,7 +66,7 @@ def run_row(name: str, res: int, row: str, batch: int, T: int, steps: int, devic
 def _spawn(name, res, row, args) -> dict:
     cmd = [sys.executable, "-m", "bench.memory", "--worker", f"{name}@{res}", "--rows", row,
            "--batch", str(args.batch), "--T", str(args.T), "--steps", str(args.steps),
-           "--device", args.device]
+           "--device", args.device, "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
@@ -99,13 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--T", type=int, default=6)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per row (CPU default 1)")
     p.add_argument("--json", help="also write the raw rows here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else 0
     if args.worker:
         name, res = args.worker.split("@")
-        print(json.dumps(run_row(name, int(res), args.rows, args.batch, args.T, args.steps, args.device)))
+        print(json.dumps(run_row(name, int(res), args.rows, args.batch, args.T, args.steps, args.device,
+                                 args.threads)))
         return
     results = {}
     row_names = ["none", *args.settings.split(","), "sj"]
