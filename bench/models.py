@@ -7,7 +7,9 @@ Rows (one fresh subprocess each, so peak RSS and compile caches don't leak betwe
   ds_fp32      deepspike, fp32
   ds_default   deepspike, bf16 autocast (the trainer's default precision)
   sj_eager     the same architecture from SpikingJelly 2.0 multi-step layers (bench.peers)
-  sj_compiled  the same, torch.compile'd (compile time is spent in the warm-up steps)
+  sj_compiled  the same, whole model under torch.compile (default mode; how SpikingJelly's own trainer
+               compiles), reset_net outside the compiled region; compilation happens in the warm-up steps
+               and is cached by Inductor on disk (a cold cache costs many minutes on 2 cores)
   per_step     the authors' formulation: Python loop over T per conv and LIF (bench.peers)
 
 A training step is forward + cross-entropy + backward + SGD step (momentum 0.9) on random data.
@@ -18,7 +20,8 @@ saved B/(sample*t): bytes packed by torch.autograd.graph.saved_tensors_hooks dur
 loss of one training step, divided by batch * T. Dedupe: a tensor counts as its whole untyped storage,
 once per storage (keyed by storage data_ptr, unique because packed tensors stay alive until backward);
 slices of one buffer (e.g. x[t]) therefore count once, and a saved view counts the full buffer it pins.
-Parameters, and autocast's low-precision copies of them, are left out: they do not scale with batch or T.
+Parameters and copies of them (autocast's bf16 casts, a compiled graph's channels_last weights; spotted by
+a parameter's shape, which also drops per-channel BN statistics) are left out: they don't scale with batch.
 peak RSS: ru_maxrss of the row's process. warm-up s: the untimed first steps (includes compilation).
 load: the 1-minute load average as the row ended (2 cores: well above 2, timings are inflated).
 
@@ -95,22 +98,18 @@ class SavedBytes:
     """saved_tensors_hooks that sum the storages packed for backward (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
-        self.skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        params = list(model.parameters())
+        self.skip = {t.untyped_storage().data_ptr() for t in [*params, *model.buffers()]}
+        # Copies of parameters have a parameter's shape (transposed for 2-D) but their own storage:
+        # autocast's bf16 casts, and the channels_last conv weights a compiled graph saves.
+        self.param_shapes = {s for p in params for s in (tuple(p.shape), tuple(reversed(p.shape)))}
         self.seen: set[int] = set()
         self.total = 0
-
-    @staticmethod
-    def _is_param_copy(t: torch.Tensor) -> bool:
-        # A chain of one-input nodes (cast, transpose, view) that ends at a parameter's AccumulateGrad.
-        fn = t.grad_fn
-        while fn is not None and type(fn).__name__ != "AccumulateGrad":
-            fn = fn.next_functions[0][0] if len(fn.next_functions) == 1 else None
-        return fn is not None
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key not in self.seen and key not in self.skip and not self._is_param_copy(t):
+        if key not in self.seen and key not in self.skip and tuple(t.shape) not in self.param_shapes:
             self.seen.add(key)
             self.total += storage.nbytes()
         return t
@@ -163,6 +162,7 @@ def run_row(cfg: Config, row: str, threads: int) -> dict:
     model = build(cfg, row).train()
     step = make_step(cfg, row, model)
     t0 = time.perf_counter()
+    # A compiled model's first step is all compilation: give it one more untimed step.
     for _ in range(cfg.warmup + (1 if row == "sj_compiled" else 0)):
         step()
     warmup_s = time.perf_counter() - t0

@@ -6,6 +6,9 @@ with a rectangular surrogate). Static input follows SpikingJelly's SEW/Spiking-R
 (conv + BN, no neuron) runs once on the image and its output is repeated over T. That is the faster
 of SpikingJelly's two idioms (its own `ms_resnet` repeats the image and runs the stem T times) and
 gives the same numbers. Call `functional.reset_net(model)` before every forward (LIFNode is stateful).
+On CPU SpikingJelly has one LIF backend, its Torch reference (`functional.neuron_implementation('lif',
+cpu)` reports 'torch-reference' for eager and compile); surrogate.Rect is not among the surrogates its
+registered LIF op accepts, so LIFNode runs the per-step reference loop with Rect's autograd function.
 
 `build_per_timestep_model(name, num_classes, T, ...)`: the authors' formulation (Ariande1/MS-ResNet):
 the image is copied T times and every conv, pooling and LIF loops over t in Python; the LIF is made of
