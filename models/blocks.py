@@ -61,7 +61,8 @@ class Shortcut(nn.Module):
         if self.kind == "pool":
             x = F.avg_pool2d(x, 2, 2)
         elif self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
+            # A copy, not a view: the conv saves its input, and a view would keep the whole block input alive.
+            x = x[:, :, :: self.stride, :: self.stride].contiguous()
         return self.bn(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
