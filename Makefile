@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deepspike-installed
+# The compiled CPU kernels of torch.ops.deepspike.lif (built in place, loaded by models/lif_op.py).
+LIF_OP := models/_lif_cpu.abi3.so
 APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev postgresql
 export DS_ACCELERATOR ?= cpu
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
@@ -24,17 +26,20 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv, spikingjelly; print('stack ok', torch.__version__)"
 	touch $(STAMP)
 
-test: $(STAMP)
+$(LIF_OP): models/csrc/lif_cpu.cpp build_ops.py $(STAMP)
+	$(PY) build_ops.py
+
+test: $(STAMP) $(LIF_OP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(STAMP) $(LIF_OP)
 	$(PY) -m launch.demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) $(LIF_OP)
 	$(PY) -m bench.models
 
 clean-venv:

@@ -1,4 +1,4 @@
-"""The MS-ResNet LIF neuron (spec §1) as one custom autograd function over the whole sequence.
+"""The MS-ResNet LIF neuron (spec §1): one fused op over the whole sequence, torch.ops.deepspike.lif.
 
 u_t = decay * u_{t-1} * (1 - s_{t-1}) + x_t,  s_t = [u_t > v_th],  u_0 = 0.
 
@@ -11,12 +11,18 @@ if wider), so bf16 autocast only changes the precision of the convolutions aroun
 
 The state is a local variable of each call: nothing is carried between forwards, which is what makes
 the neuron exact under activation checkpointing (recomputation starts from the same zero state).
+
+The op (models/lif_op.py: compiled C++ on CPU, Triton on CUDA) loops over T inside one kernel.
+`lif_sequence_reference` is the same neuron in PyTorch ops; the kernels match it bit for bit, and the
+tests hold them to it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from models import lif_op  # noqa: F401  (registers torch.ops.deepspike.lif)
 
 _SPIKE = 1
 _WINDOW = 2
@@ -60,6 +66,12 @@ class _LIFSequence(torch.autograd.Function):
 
 def lif_sequence(x: torch.Tensor, decay: float = 0.25, v_th: float = 0.5, lens: float = 0.5) -> torch.Tensor:
     """Spikes [T, ...] (in x's dtype) for input currents x [T, ...]."""
+    return torch.ops.deepspike.lif(x, decay, v_th, lens)[0]
+
+
+def lif_sequence_reference(x: torch.Tensor, decay: float = 0.25, v_th: float = 0.5,
+                           lens: float = 0.5) -> torch.Tensor:
+    """lif_sequence in PyTorch ops, one step at a time: the definition the fused kernels are tested against."""
     return _LIFSequence.apply(x, decay, v_th, lens)
 
 

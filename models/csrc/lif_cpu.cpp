@@ -1,0 +1,179 @@
+// CPU kernels of torch.ops.deepspike.lif and lif_backward (registered here; fake, autograd and CUDA
+// kernels are registered in models/lif_op.py). Semantics are those of models.neuron.lif_sequence_reference,
+// operation for operation, so results are bit-identical: build_ops.py compiles it with -ffp-contract=off
+// because a fused multiply-add in u * decay + x would round once where the reference rounds twice.
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+// Importing models._lif_cpu runs the TORCH_LIBRARY registrations below; the module itself is empty.
+extern "C" PyObject* PyInit__lif_cpu(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lif_cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace deepspike {
+namespace {
+
+constexpr uint8_t kSpike = 1;
+constexpr uint8_t kWindow = 2;
+// Neurons per block: the block's membrane stays in L1 while the loop walks over T, and the inner loop
+// over contiguous neurons is what the compiler vectorises.
+constexpr int64_t kBlock = 512;
+
+// Element access for the kernels. bf16 goes through its raw bits: c10::BFloat16's conversions branch on NaN,
+// which stops the compiler from vectorising the loops. The rounding is c10's (nearest even, NaN -> 0x7FC0),
+// so results equal a torch cast. fp16 keeps c10's scalar conversions (rare on CPU; correct, not vectorised).
+template <typename scalar_t>
+struct Elem {
+  using storage = scalar_t;
+  using acc = at::opmath_type<scalar_t>;
+  static acc load(storage v) { return static_cast<acc>(v); }
+  static storage store(acc v) { return static_cast<storage>(v); }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  using storage = uint16_t;
+  using acc = float;
+  static acc load(storage v) { return std::bit_cast<float>(uint32_t(v) << 16); }
+  static storage store(acc v) {
+    const uint32_t bits = std::bit_cast<uint32_t>(v);
+    const uint16_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return v != v ? uint16_t(0x7FC0) : rounded;
+  }
+};
+
+// One step of a block of n neurons. The spike state is not stored: s_{t-1} = u_{t-1} > v_th is recomputed,
+// which keeps the loop free of a second array. `first` is t = 0, where u = x exactly.
+template <bool first, typename E>
+inline void lif_step(const typename E::storage* __restrict__ xt, typename E::storage* __restrict__ st,
+                     uint8_t* __restrict__ ct, typename E::acc* __restrict__ u, int64_t n, typename E::acc decay,
+                     typename E::acc v_th, typename E::acc lens) {
+  using acc_t = typename E::acc;
+  const typename E::storage one = E::store(1), zero = E::store(0);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = E::load(xt[i]);
+    const acc_t v = first ? x : ((u[i] > v_th ? acc_t(0) : u[i] * decay) + x);
+    const bool s = v > v_th;
+    u[i] = v;
+    st[i] = s ? one : zero;
+    ct[i] = uint8_t(s) | (uint8_t(std::abs(v - v_th) < lens) << 1);
+  }
+}
+
+template <typename scalar_t>
+void lif_forward_cpu(const scalar_t* x_, scalar_t* spikes_, uint8_t* code, int64_t T, int64_t M,
+                     double decay_, double v_th_, double lens_) {
+  using E = Elem<scalar_t>;
+  using acc_t = typename E::acc;
+  const auto* x = reinterpret_cast<const typename E::storage*>(x_);
+  auto* spikes = reinterpret_cast<typename E::storage*>(spikes_);
+  const acc_t decay = decay_, v_th = v_th_, lens = lens_;
+  at::parallel_for(0, M, kBlock, [&](int64_t begin, int64_t end) {
+    acc_t u[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t n = std::min(kBlock, end - b);
+      lif_step<true, E>(x + b, spikes + b, code + b, u, n, decay, v_th, lens);
+      for (int64_t t = 1; t < T; ++t) {
+        lif_step<false, E>(x + t * M + b, spikes + t * M + b, code + t * M + b, u, n, decay, v_th, lens);
+      }
+    }
+  });
+}
+
+// One step back in time: grad_x[t] = (window ? grad[t] * height : 0) + carry, then the carry through the leak,
+// carry = s_{t-1} ? 0 : g * decay (prev = code[t-1]; there is none at t = 0).
+template <bool has_prev, typename E>
+inline void lif_step_back(const typename E::storage* __restrict__ gt, const uint8_t* __restrict__ ct,
+                          const uint8_t* __restrict__ prev, typename E::storage* __restrict__ gxt,
+                          typename E::acc* __restrict__ carry, int64_t n, typename E::acc decay,
+                          typename E::acc height) {
+  using acc_t = typename E::acc;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t surrogate = E::load(gt[i]) * height;  // loaded unconditionally, so the loop vectorises
+    const acc_t g = ((ct[i] & kWindow) ? surrogate : acc_t(0)) + carry[i];
+    gxt[i] = E::store(g);
+    if constexpr (has_prev) carry[i] = (prev[i] & kSpike) ? acc_t(0) : g * decay;
+  }
+}
+
+template <typename scalar_t>
+void lif_backward_cpu(const scalar_t* grad_, const uint8_t* code, scalar_t* grad_x_, int64_t T, int64_t M,
+                      double decay_, double lens_) {
+  using E = Elem<scalar_t>;
+  using acc_t = typename E::acc;
+  const auto* grad = reinterpret_cast<const typename E::storage*>(grad_);
+  auto* grad_x = reinterpret_cast<typename E::storage*>(grad_x_);
+  const acc_t decay = decay_, height = 1.0 / (2.0 * lens_);
+  at::parallel_for(0, M, kBlock, [&](int64_t begin, int64_t end) {
+    // dL/du_{t+1} * du_{t+1}/du_t. It starts at -0, the additive identity of every float (+0 is not:
+    // -0 + +0 = +0), so the last step's gradient is exactly the reference's, which adds nothing there.
+    acc_t carry[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t n = std::min(kBlock, end - b);
+      std::fill_n(carry, n, acc_t(-0.0));
+      for (int64_t t = T - 1; t > 0; --t) {
+        const int64_t o = t * M + b;
+        lif_step_back<true, E>(grad + o, code + o, code + o - M, grad_x + o, carry, n, decay, height);
+      }
+      lif_step_back<false, E>(grad + b, code + b, nullptr, grad_x + b, carry, n, decay, height);
+    }
+  });
+}
+
+void check_sequence(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 1, "deepspike::lif: ", name, " must be [T, ...], got a 0-d tensor");
+  TORCH_CHECK(t.device().is_cpu(), "deepspike::lif CPU kernel got ", name, " on ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> lif_cpu(const at::Tensor& x_, double decay, double v_th, double lens) {
+  check_sequence(x_, "x");
+  const at::Tensor x = x_.contiguous();
+  at::Tensor spikes = at::empty(x.sizes(), x.options());
+  at::Tensor code = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  const int64_t T = x.size(0), M = T ? x.numel() / T : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "deepspike::lif", [&] {
+    lif_forward_cpu<scalar_t>(x.const_data_ptr<scalar_t>(), spikes.mutable_data_ptr<scalar_t>(),
+                              code.mutable_data_ptr<uint8_t>(), T, M, decay, v_th, lens);
+  });
+  return {spikes, code};
+}
+
+at::Tensor lif_backward_cpu_op(const at::Tensor& grad_, const at::Tensor& code_, double decay, double lens) {
+  check_sequence(grad_, "grad_spikes");
+  TORCH_CHECK(code_.scalar_type() == at::kByte && code_.sizes() == grad_.sizes(),
+              "deepspike::lif_backward: code must be a uint8 tensor of grad_spikes' shape");
+  const at::Tensor grad = grad_.contiguous(), code = code_.contiguous();
+  at::Tensor grad_x = at::empty(grad.sizes(), grad.options());
+  const int64_t T = grad.size(0), M = T ? grad.numel() / T : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "deepspike::lif_backward", [&] {
+    lif_backward_cpu<scalar_t>(grad.const_data_ptr<scalar_t>(), code.const_data_ptr<uint8_t>(),
+                               grad_x.mutable_data_ptr<scalar_t>(), T, M, decay, lens);
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(deepspike, m) {
+  m.def("lif(Tensor x, float decay, float v_th, float lens) -> (Tensor spikes, Tensor code)");
+  m.def("lif_backward(Tensor grad_spikes, Tensor code, float decay, float lens) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(deepspike, CPU, m) {
+  m.impl("lif", &lif_cpu);
+  m.impl("lif_backward", &lif_backward_cpu_op);
+}
+
+}  // namespace deepspike

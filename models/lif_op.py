@@ -1,0 +1,57 @@
+"""torch.ops.deepspike.lif(x, decay, v_th, lens) -> (spikes, code) and its backward op.
+
+The schemas and the CPU kernels are compiled C++ (models/csrc/lif_cpu.cpp, built into models/_lif_cpu.abi3.so
+by `python build_ops.py`); this module loads them and registers what torch needs around them: fake kernels
+(so torch.compile traces through the op without a graph break), autograd, and the CUDA kernels, which are
+Triton (models/lif_triton.py, imported on the first CUDA call so CPU-only processes never import triton).
+
+code is the uint8 tensor backward needs: bit 0 = the neuron spiked, bit 1 = u was inside the surrogate window.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from models import _lif_cpu  # noqa: F401  (importing it registers the ops)
+except ImportError as e:
+    raise ImportError(
+        "deepspike's compiled LIF op models/_lif_cpu.abi3.so is missing or does not load "
+        f"({e}). Build it from the checkout root with `python build_ops.py` (the venv's python; "
+        "`make test` and `make demo` build it too).") from e
+
+
+@torch.library.register_fake("deepspike::lif")
+def _lif_fake(x, decay, v_th, lens):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("deepspike::lif_backward")
+def _lif_backward_fake(grad_spikes, code, decay, lens):
+    return grad_spikes.new_empty(grad_spikes.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, decay, _, lens = inputs
+    ctx.save_for_backward(output[1])
+    ctx.decay, ctx.lens = decay, lens
+
+
+def _backward(ctx, grad_spikes, _grad_code):
+    (code,) = ctx.saved_tensors
+    return torch.ops.deepspike.lif_backward(grad_spikes, code, ctx.decay, ctx.lens), None, None, None
+
+
+torch.library.register_autograd("deepspike::lif", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_kernel("deepspike::lif", "cuda")
+def _lif_cuda(x, decay, v_th, lens):
+    from models import lif_triton
+    return lif_triton.lif_forward(x, decay, v_th, lens)
+
+
+@torch.library.register_kernel("deepspike::lif_backward", "cuda")
+def _lif_backward_cuda(grad_spikes, code, decay, lens):
+    from models import lif_triton
+    return lif_triton.lif_backward(grad_spikes, code, decay, lens)

@@ -1,0 +1,98 @@
+"""Triton kernels of torch.ops.deepspike.lif on CUDA (models/lif_op.py registers them).
+
+One program per block of neurons loops over T with the membrane in registers, the same arithmetic as the
+CPU kernel and the PyTorch reference, so the three agree bit for bit. Two details keep it exact:
+fp_fusion is off (a fused multiply-add in u * decay + x would round once where the reference rounds
+twice), and the constants are loaded from a tensor in the accumulation dtype (a Python float argument
+would be an fp32 scalar, wrong for float64 inputs).
+
+Tested on the CPU under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _cast(v, ty: tl.constexpr):
+    if ty == tl.bfloat16:
+        # Rounded to nearest even by hand, as c10::BFloat16 does (NaN stays NaN): the same on the GPU, where
+        # the cast would round alike, and under the interpreter, whose fp32 -> bf16 cast truncates.
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        return tl.where(v == v, rounded, 0x7FC0).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(ty)
+
+
+@triton.jit
+def _emit(spikes_ptrs, code_ptrs, mask, u, v_th, lens):
+    s = u > v_th
+    fired = s.to(tl.uint8)  # (the interpreter cannot cast int1 to a float type directly)
+    tl.store(spikes_ptrs, _cast(fired.to(tl.float32), spikes_ptrs.dtype.element_ty), mask=mask)
+    tl.store(code_ptrs, fired | ((tl.abs(u - v_th) < lens).to(tl.uint8) << 1), mask=mask)
+    return s
+
+
+@triton.jit
+def _lif_forward_kernel(x_ptr, spikes_ptr, code_ptr, consts_ptr, T, M, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # Pointers advance by M per step, so offsets never need t * M (which overflows int32 on big tensors).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    x_ptrs, spikes_ptrs, code_ptrs = x_ptr + offs, spikes_ptr + offs, code_ptr + offs
+    decay, v_th, lens = tl.load(consts_ptr), tl.load(consts_ptr + 1), tl.load(consts_ptr + 2)
+    u = tl.load(x_ptrs, mask=mask, other=0).to(ACC)
+    s = _emit(spikes_ptrs, code_ptrs, mask, u, v_th, lens)
+    for _ in range(1, T):
+        x_ptrs, spikes_ptrs, code_ptrs = x_ptrs + M, spikes_ptrs + M, code_ptrs + M
+        u = tl.where(s, 0.0, u * decay) + tl.load(x_ptrs, mask=mask, other=0).to(ACC)
+        s = _emit(spikes_ptrs, code_ptrs, mask, u, v_th, lens)
+
+
+@triton.jit
+def _lif_backward_kernel(grad_ptr, code_ptr, grad_x_ptr, consts_ptr, T, M, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    last = (T - 1).to(tl.int64) * M + tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = tl.program_id(0).to(tl.int64) * BLOCK + offs < M
+    grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptr + last + offs, code_ptr + last + offs, grad_x_ptr + last + offs
+    decay, height = tl.load(consts_ptr), tl.load(consts_ptr + 1)
+    # -0 is the additive identity of every float (+0 is not): the last step adds nothing, as in the reference.
+    carry = tl.full([BLOCK], -0.0, ACC)
+    for t in range(T - 1, -1, -1):
+        code = tl.load(code_ptrs, mask=mask, other=0)
+        g = tl.where((code & 2) != 0, tl.load(grad_ptrs, mask=mask, other=0).to(ACC) * height, 0.0) + carry
+        tl.store(grad_x_ptrs, _cast(g, grad_x_ptrs.dtype.element_ty), mask=mask)
+        grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptrs - M, code_ptrs - M, grad_x_ptrs - M
+        spiked_before = tl.load(code_ptrs, mask=mask & (t > 0), other=0) & 1
+        carry = tl.where(spiked_before != 0, 0.0, g * decay)
+
+
+def _launch(kernel, tensors, consts, like: torch.Tensor) -> None:
+    acc = torch.promote_types(like.dtype, torch.float32)
+    T = like.shape[0]
+    M = like.numel() // T if T else 0
+    if M == 0:
+        return
+    consts = torch.tensor(consts, dtype=torch.float64).to(device=like.device, dtype=acc)
+    kernel[(triton.cdiv(M, _BLOCK),)](*tensors, consts, T, M, BLOCK=_BLOCK, ACC=_TL_DTYPE[acc],
+                                      enable_fp_fusion=False)
+
+
+def lif_forward(x: torch.Tensor, decay: float, v_th: float, lens: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    spikes, code = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    _launch(_lif_forward_kernel, (x, spikes, code), [decay, v_th, lens], x)
+    return spikes, code
+
+
+def lif_backward(grad_spikes: torch.Tensor, code: torch.Tensor, decay: float, lens: float) -> torch.Tensor:
+    grad_spikes, code = grad_spikes.contiguous(), code.contiguous()
+    grad_x = torch.empty_like(grad_spikes)
+    _launch(_lif_backward_kernel, (grad_spikes, code, grad_x), [decay, 1.0 / (2.0 * lens)], grad_spikes)
+    return grad_x
