@@ -1,0 +1,147 @@
+"""torch.ops.deepspike.lif against the PyTorch reference (models.neuron.lif_sequence_reference), bit for bit.
+
+The C++ CPU kernel runs in-process; the Triton (CUDA) kernel runs on CPU tensors under the Triton interpreter,
+in a subprocess because TRITON_INTERPRET must be set before triton is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from models import create_model, lif_sequence
+from models.neuron import lif_sequence_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 7), (2, 3, 5), (6, 2, 3, 5, 7), (6, 1031)]  # T = 1, 2, 6; odd sizes; a partial kernel block
+CONSTANTS = [(0.25, 0.5, 0.5), (0.3, 0.45, 0.35)]  # the spec's, and ones no binary float represents exactly
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that -0 and +0 (or two NaNs) count as different."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _inputs(shape, dtype, seed=0, contiguous=True):
+    g = torch.Generator().manual_seed(seed)
+    wide = (*shape[:-1], 2 * shape[-1])  # non-contiguous: every other element of a wider tensor
+    x = (torch.randn(wide, dtype=torch.float64, generator=g) * 0.6 + 0.3).to(dtype)
+    grad = torch.randn(wide, dtype=torch.float64, generator=g).to(dtype)
+    return (x[..., ::2], grad[..., ::2]) if not contiguous else (x[..., ::2].contiguous(), grad[..., ::2].contiguous())
+
+
+def _run(fn, x, grad, constants):
+    x = x.detach().clone().requires_grad_(True)
+    spikes = fn(x, *constants)
+    spikes.backward(grad)
+    return spikes.detach(), x.grad
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_equals_reference_bit_for_bit(dtype, shape, contiguous, one_thread):
+    """Spikes, code and input gradients; low-precision inputs against the reference on the same input."""
+    x, grad = _inputs(shape, dtype, contiguous=contiguous)
+    assert x.is_contiguous() == contiguous
+    for constants in CONSTANTS:
+        spikes, gx = _run(lif_sequence, x, grad, constants)
+        ref_spikes, ref_gx = _run(lif_sequence_reference, x, grad, constants)
+        assert spikes.dtype == gx.dtype == dtype
+        assert torch.equal(_bits(spikes), _bits(ref_spikes))
+        assert torch.equal(_bits(gx), _bits(ref_gx)), f"max |diff| {(gx - ref_gx).abs().max()}"
+        ref_code = lif_sequence_reference(x.requires_grad_(True), *constants).grad_fn.saved_tensors[0]
+        assert torch.equal(torch.ops.deepspike.lif(x, *constants)[1], ref_code)
+        x = x.detach()
+    if shape[0] > 1:  # the comparison covers spikes, silence, the window and the reset
+        assert 0.1 < float(spikes.double().mean()) < 0.9
+        assert (ref_code == 3).any() and (ref_code == 2).any() and (ref_code == 0).any()
+
+
+def test_gradient_of_a_silent_last_step_keeps_the_sign_of_zero(one_thread):
+    """The last step adds no carry: a -0 gradient stays -0, as in the reference (an added +0 would flip it)."""
+    x = torch.tensor([[0.7], [0.6]])  # u = 0.7, 0.6: both inside the window
+    grad = torch.tensor([[1.0], [-0.0]])
+    gx = _run(lif_sequence, x, grad, CONSTANTS[0])[1]
+    assert torch.equal(_bits(gx), _bits(_run(lif_sequence_reference, x, grad, CONSTANTS[0])[1]))
+    assert str(gx[1, 0].item()) == "-0.0"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype, one_thread):
+    """Schema, fake (meta) kernels, autograd registration and dispatch, as torch.library checks them."""
+    x, grad = _inputs((3, 2, 5), dtype)
+    torch.library.opcheck(torch.ops.deepspike.lif.default, (x.requires_grad_(True), 0.25, 0.5, 0.5))
+    code = torch.ops.deepspike.lif(x, 0.25, 0.5, 0.5)[1]
+    torch.library.opcheck(torch.ops.deepspike.lif_backward.default, (grad, code, 0.25, 0.5))
+
+
+def test_fake_kernel_shapes_under_meta():
+    spikes, code = torch.ops.deepspike.lif(torch.empty(4, 2, 3, device="meta", dtype=torch.bfloat16), 0.25, 0.5, 0.5)
+    assert (spikes.shape, spikes.dtype, code.dtype) == ((4, 2, 3), torch.bfloat16, torch.uint8)
+
+
+def test_whole_ms_resnet_traces_through_the_op_without_graph_breaks(one_thread):
+    """fullgraph=True under aot_eager: the op (forward and backward) is traced into one graph through its fake
+    kernels and autograd registration; the graph runs the same kernels, so output and gradients are equal."""
+    torch.manual_seed(0)
+    model = create_model("ms_resnet20", T=3, widths=(4, 8, 8)).train()
+    for m in model.modules():  # non-zero last BNs, so every LIF sees input and passes gradient
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.3, 0.8)
+    x = torch.randn(2, 3, 8, 8)
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        out = fn(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_e, grads_e), (out_c, grads_c) = results
+    assert torch.equal(out_e, out_c)
+    assert all(torch.equal(a, b) for a, b in zip(grads_e, grads_c))
+    assert all(g.abs().sum() > 0 for g in grads_e)
+
+
+TRITON_CHECK = textwrap.dedent("""
+    import torch
+    from models import lif_triton
+    from models.neuron import lif_sequence_reference
+    from tests.test_lif_op import CONSTANTS, DTYPES, SHAPES, _bits, _inputs, _run
+
+    def bitwise(a, b):
+        return torch.equal(_bits(a), _bits(b))
+
+    for dtype in DTYPES:
+        for shape in SHAPES + [(3, 1100)]:  # two kernel blocks
+            x, grad = _inputs(shape, dtype, contiguous=False)
+            for constants in CONSTANTS:
+                ref_spikes, ref_gx = _run(lif_sequence_reference, x, grad, constants)
+                ref_code = lif_sequence_reference(x.clone().requires_grad_(True), *constants).grad_fn.saved_tensors[0]
+                spikes, code = lif_triton.lif_forward(x, *constants)
+                gx = lif_triton.lif_backward(grad, code, constants[0], constants[2])
+                assert bitwise(spikes, ref_spikes), (dtype, shape, constants, "spikes")
+                assert torch.equal(code, ref_code), (dtype, shape, constants, "code")
+                assert bitwise(gx, ref_gx), (dtype, shape, constants, "grad", (gx - ref_gx).abs().max())
+    print("triton ok")
+""")
+
+
+def test_triton_kernel_equals_reference_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0 and "triton ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_missing_compiled_op_says_how_to_build_it():
+    code = "import sys; sys.modules['models._lif_cpu'] = None; import models"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr and "python build_ops.py" in proc.stderr
