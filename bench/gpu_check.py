@@ -1,6 +1,12 @@
-"""The GPU check of issue 5, through the trainer's engine step (not a CPU test; never run by CI).
+"""The GPU check of issues 5 and 9, through the trainer's engine step (not a CPU test; never run by CI).
 
     python -m bench.gpu_check [--steps 10] [--json out.json]
+    python -m bench.gpu_check --dry-run     # the LIF checks on CPU at a small shape (no GPU needed)
+
+LIF op (issue 9), first: torch.ops.deepspike.lif on CUDA (the Triton kernels) against the PyTorch reference
+on the same GPU input, bit for bit, for fp32/bf16/fp16/fp64 and odd shapes; then forward + backward ms on the
+first LIF input of MS-ResNet-18 at 224 px, T=6, batch 64, against the reference and SpikingJelly's LIFNode
+(its fused kernels lack a rectangular surrogate, see bench.lif).
 
 Rows: MS-ResNet-18 at 224 px, T=6, batch 64, bf16 and fp16, without and with activation checkpointing
 (every block); MS-ResNet-104 at 224 px, T=6, batch 32, bf16, with its recipe's checkpointing. Each row
@@ -66,13 +72,68 @@ def run_row(recipe: str, precision: str, every: int, batch: int, steps: int) -> 
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
 
 
+IMAGES_PER_S_GOAL = 1000  # MS-ResNet-18, 224 px, T=6, bf16, one H200
+EXACT_SHAPES = [(1, 7), (2, 3, 5), (6, 2, 3, 5, 7), (6, 4, 1031), (6, 64, 64, 56, 56)]
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
+
+
+def lif_exactness(device: torch.device, shapes) -> list[dict]:
+    """The op on `device` against the reference on the same input: spikes, code and input gradient."""
+    from models.neuron import lif_sequence_reference
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for shape in shapes:
+            g = torch.Generator().manual_seed(0)
+            x = (torch.randn(shape, generator=g) * 0.6 + 0.3).to(device, dtype)
+            grad = torch.randn(shape, generator=g).to(device, dtype)
+            ok = True
+            for constants in ((0.25, 0.5, 0.5), (0.3, 0.45, 0.35)):
+                xo, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+                spikes, code = torch.ops.deepspike.lif(xo, *constants)
+                spikes.backward(grad)
+                ref = lif_sequence_reference(xr, *constants)
+                ok &= _bitwise_equal(spikes, ref) and torch.equal(code, ref.grad_fn.saved_tensors[0])
+                ref.backward(grad)
+                ok &= _bitwise_equal(xo.grad, xr.grad)
+            rows.append({"dtype": str(dtype), "shape": list(shape), "exact": bool(ok)})
+    return rows
+
+
+def lif_section(device: torch.device, shape) -> dict:
+    from bench import lif
+    exact = lif_exactness(device, EXACT_SHAPES[:-1] + [shape])
+    bad = [r for r in exact if not r["exact"]]
+    print(f"LIF op on {device} vs reference, bit for bit: {len(exact) - len(bad)}/{len(exact)} exact"
+          + "".join(f"\n  MISMATCH {r['dtype']} {r['shape']}" for r in bad), flush=True)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        timings[str(dtype)] = lif.time_lif(shape, dtype, device)
+        print("\n".join(lif.report(shape, dtype, timings[str(dtype)])), flush=True)
+    try:
+        from spikingjelly.activation_based.functional import neuron_implementation
+        print(f"   SpikingJelly's LIF implementation on {device}: {neuron_implementation('lif', device)}")
+    except (ImportError, ValueError, RuntimeError) as e:
+        print(f"   SpikingJelly's LIF implementation on {device}: unknown ({e})")
+    return {"exact": exact, "timings_ms": timings}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json")
+    p.add_argument("--dry-run", action="store_true", help="the LIF checks on CPU at a small shape, then stop")
     args = p.parse_args()
+    if args.dry_run:
+        lif_section(torch.device("cpu"), (6, 2, 16, 14, 14))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu_check needs a CUDA GPU")
+    from bench.lif import first_lif_input_shape
+    lif = lif_section(torch.device("cuda"), first_lif_input_shape("ms_resnet18", 1000, 6, 64, 224))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     import deepspeed
 
@@ -90,9 +151,13 @@ def main() -> None:
             print(f"{head}  OOM")
         torch.cuda.empty_cache()
         rows.append(row)
+    best = max((r["images_per_s"] for r in rows if r.get("model") == "ms_resnet18" and r["precision"] == "bf16"
+                and "images_per_s" in r), default=0.0)
+    print(f"goal: MS-ResNet-18 224 px T=6 bf16 >= {IMAGES_PER_S_GOAL} img/s: best {best:.0f} "
+          f"{'PASS' if best >= IMAGES_PER_S_GOAL else 'MISS'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"lif": lif, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

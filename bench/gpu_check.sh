@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 5), for a single-GPU machine with PyTorch but without network access.
+# The prepared GPU check (issues 5 and 9), for a single-GPU machine with PyTorch but without network access.
 # Wheels for what its image lacks (deepspeed and its pure-Python needs, webdataset, wids, braceexpand)
 # are taken from ./.whl when present. Results go to $OUT (or ./gpu_check_out).
 set -uo pipefail
@@ -13,5 +13,7 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
+# models import the LIF op's compiled CPU kernels; a bare checkout has to build them first (needs g++).
+[ -f models/_lif_cpu.abi3.so ] || python3 build_ops.py >"$OUT/build_ops.txt" 2>&1 || { tail "$OUT/build_ops.txt"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 480 python3 -m bench.gpu_check --steps 10 --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt"

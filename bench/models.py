@@ -25,6 +25,9 @@ a parameter's shape, which also drops per-channel BN statistics) are left out: t
 peak RSS: ru_maxrss of the row's process. warm-up s: the untimed first steps (includes compilation).
 load: the 1-minute load average as the row ended (2 cores: well above 2, timings are inflated).
 
+LIF kernel: forward and backward ms of the LIF op on the input of each config's first LIF ([T, N, C, H, W]),
+fp32 and bf16, against the PyTorch reference loop and SpikingJelly's LIFNode (bench.lif).
+
 fp32 min: the analytic floor for exact backprop without recomputing convs: the fp32 bytes of the input
 of every Conv2d, BatchNorm2d and Linear (the weight gradient needs a conv's input; BN's backward needs
 its input; a LIF's state can be recomputed elementwise from its BN's input). Shapes come from a meta
@@ -32,7 +35,8 @@ forward of our model: the static stem counts once (not T times), a strided 1x1 c
 it reads.
 
 Targets (reported, never asserted): deepspike default >= 2x the fastest SpikingJelly row's images/s,
-deepspike fp32 >= 1.2x; saved bytes <= 0.5x those of the SpikingJelly row that saves least.
+deepspike fp32 >= 1.2x; saved bytes <= 0.5x those of the SpikingJelly row that saves least; in the
+profile, the LIF (forward + backward) <= 10 % of the step.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ ROWS = {
 SJ_ROWS = ("sj_eager", "sj_compiled")
 TARGETS = {"ds_default": 2.0, "ds_fp32": 1.2}
 MEMORY_TARGET = 0.5
+LIF_SHARE_TARGET = 10.0  # percent of the profiled step
+LIF_BACKWARD_NODE = "GeneratedBackwardFor_deepspike_lif"  # torch.library's autograd node for the op
 
 
 def build(cfg: Config, row: str) -> nn.Module:
@@ -220,8 +226,10 @@ def profile_row(cfg: Config, row: str, threads: int, steps: int = 3) -> str:
     split = sorted(((e.cpu_time_total / steps / 1e6, e.key.removeprefix(backward)) for e in events
                     if e.key.startswith(("fwd:", backward, "Optimizer.step"))), reverse=True)
     lines = [f"{s:8.3f} s {100 * s / wall:5.1f}%  {k}" for s, k in split[:14] if s > 0.002 * wall]
+    lif = sum(s for s, k in split if k == "fwd:LIF" or k.startswith(LIF_BACKWARD_NODE))
     return (events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=44)
-            + f"\nper step: {wall:.3f} s wall (under the profiler); by layer:\n" + "\n".join(lines))
+            + f"\nper step: {wall:.3f} s wall (under the profiler); by layer:\n" + "\n".join(lines)
+            + f"\nLIF forward + backward: {100 * lif / wall:.1f}% of the step (target <= {LIF_SHARE_TARGET:.0f}%)")
 
 
 def _logits_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -266,9 +274,19 @@ def peer_check(model: str, num_classes: int, T: int) -> str:
             f"{', '.join(parts)} [{'OK' if ok else 'MISMATCH'} at 1e-5]")
 
 
+def lif_kernel_lines(cfg: Config, threads: int) -> list[str]:
+    from bench import lif
+    torch.set_num_threads(threads)
+    shape = lif.first_lif_input_shape(cfg.model, cfg.num_classes, cfg.T, cfg.batch, cfg.size)
+    return [line for dtype in (torch.float32, torch.bfloat16)
+            for line in lif.report(shape, dtype, lif.time_lif(shape, dtype, torch.device("cpu")))]
+
+
 def _worker(args) -> None:
     cfg = CONFIGS[args.configs]
-    if args.profile:
+    if args.rows == "lif":
+        print("\n".join(lif_kernel_lines(cfg, args.threads)))
+    elif args.profile:
         print(profile_row(cfg, args.rows, args.threads))
     else:
         print("ROW " + json.dumps(run_row(cfg, args.rows, args.threads)))
@@ -288,7 +306,7 @@ def _ratio_mark(value: float, target: float, higher_is_better: bool) -> str:
     return f"{value:.2f}x {'PASS' if ok else 'MISS'}"
 
 
-def report(cfg: Config, rows: list[dict], fp32_min: int, check: str) -> list[str]:
+def report(cfg: Config, rows: list[dict], fp32_min: int, check: str, lif_lines: str) -> list[str]:
     per_st = fp32_min / (cfg.batch * cfg.T)
     by = {r["row"]: r for r in rows}
     sj = [by[k] for k in SJ_ROWS if k in by]
@@ -315,7 +333,7 @@ def report(cfg: Config, rows: list[dict], fp32_min: int, check: str) -> list[str
                      f"{_ratio_mark(by[k]['images_per_s'] / best_speed, TARGETS[k], True)};  "
                      f"saved <= {MEMORY_TARGET}x min SJ: "
                      f"{_ratio_mark(by[k]['saved_per_sample_step'] / least_saved, MEMORY_TARGET, False)}")
-    return lines
+    return [*lines, lif_lines.rstrip("\n")]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,8 +369,10 @@ def main(argv: list[str] | None = None) -> None:
             out = _spawn(c, r, args)
             measured.append(json.loads(out.split("ROW ", 1)[1]))
         check = peer_check(cfg.model, cfg.num_classes, cfg.T)
-        results[c] = dict(config=asdict(cfg), fp32_min_bytes=fp32_min_bytes(cfg), peer_check=check, rows=measured)
-        print("\n".join(report(cfg, measured, results[c]["fp32_min_bytes"], check)), flush=True)
+        lif_lines = _spawn(c, "lif", args)
+        results[c] = dict(config=asdict(cfg), fp32_min_bytes=fp32_min_bytes(cfg), peer_check=check, rows=measured,
+                          lif_kernel=lif_lines)
+        print("\n".join(report(cfg, measured, results[c]["fp32_min_bytes"], check, lif_lines)), flush=True)
     print(f"total {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
