@@ -35,9 +35,13 @@ def _setup_context(ctx, inputs, output):
     _, decay, _, lens = inputs
     ctx.save_for_backward(output[1])
     ctx.decay, ctx.lens = decay, lens
+    # code has no gradient; without this autograd would zero-fill a tensor of its size for every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_spikes, _grad_code):
+    if grad_spikes is None:
+        return None, None, None, None
     (code,) = ctx.saved_tensors
     return torch.ops.deepspike.lif_backward(grad_spikes, code, ctx.decay, ctx.lens), None, None, None
 

@@ -54,10 +54,14 @@ struct Elem<c10::BFloat16> {
   }
 };
 
+// The per-step loops are compiled for AVX-512, AVX2 and baseline x86-64, and the loader picks the best the CPU
+// has (GCC function multi-versioning): one build serves every node.
+#define DEEPSPIKE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
 // One step of a block of n neurons. The spike state is not stored: s_{t-1} = u_{t-1} > v_th is recomputed,
 // which keeps the loop free of a second array. `first` is t = 0, where u = x exactly.
 template <bool first, typename E>
-inline void lif_step(const typename E::storage* __restrict__ xt, typename E::storage* __restrict__ st,
+DEEPSPIKE_VECTOR_CLONES void lif_step(const typename E::storage* __restrict__ xt, typename E::storage* __restrict__ st,
                      uint8_t* __restrict__ ct, typename E::acc* __restrict__ u, int64_t n, typename E::acc decay,
                      typename E::acc v_th, typename E::acc lens) {
   using acc_t = typename E::acc;
@@ -95,7 +99,7 @@ void lif_forward_cpu(const scalar_t* x_, scalar_t* spikes_, uint8_t* code, int64
 // One step back in time: grad_x[t] = (window ? grad[t] * height : 0) + carry, then the carry through the leak,
 // carry = s_{t-1} ? 0 : g * decay (prev = code[t-1]; there is none at t = 0).
 template <bool has_prev, typename E>
-inline void lif_step_back(const typename E::storage* __restrict__ gt, const uint8_t* __restrict__ ct,
+DEEPSPIKE_VECTOR_CLONES void lif_step_back(const typename E::storage* __restrict__ gt, const uint8_t* __restrict__ ct,
                           const uint8_t* __restrict__ prev, typename E::storage* __restrict__ gxt,
                           typename E::acc* __restrict__ carry, int64_t n, typename E::acc decay,
                           typename E::acc height) {
