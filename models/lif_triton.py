@@ -56,31 +56,32 @@ def _lif_forward_kernel(x_ptr, spikes_ptr, code_ptr, consts_ptr, T, M, BLOCK: tl
 
 
 @triton.jit
-def _lif_backward_kernel(grad_ptr, code_ptr, grad_x_ptr, consts_ptr, T, M, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    last = (T - 1).to(tl.int64) * M + tl.program_id(0).to(tl.int64) * BLOCK
-    offs = tl.arange(0, BLOCK)
-    mask = tl.program_id(0).to(tl.int64) * BLOCK + offs < M
-    grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptr + last + offs, code_ptr + last + offs, grad_x_ptr + last + offs
+def _lif_backward_kernel(grad_ptr, code_ptr, grad_x_ptr, consts_ptr, T, M, last_step_offset,
+                         BLOCK: tl.constexpr, ACC: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    offs += last_step_offset  # (T - 1) * M, from the host: T and M may arrive as compile-time constants
+    grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptr + offs, code_ptr + offs, grad_x_ptr + offs
     decay, height = tl.load(consts_ptr), tl.load(consts_ptr + 1)
     # -0 is the additive identity of every float (+0 is not): the last step adds nothing, as in the reference.
     carry = tl.full([BLOCK], -0.0, ACC)
-    for t in range(T - 1, -1, -1):
+    for i in range(T):  # t = T - 1 - i (a positive loop step: compiled loops count up)
         code = tl.load(code_ptrs, mask=mask, other=0)
         g = tl.where((code & 2) != 0, tl.load(grad_ptrs, mask=mask, other=0).to(ACC) * height, 0.0) + carry
         tl.store(grad_x_ptrs, _cast(g, grad_x_ptrs.dtype.element_ty), mask=mask)
         grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptrs - M, code_ptrs - M, grad_x_ptrs - M
-        spiked_before = tl.load(code_ptrs, mask=mask & (t > 0), other=0) & 1
+        spiked_before = tl.load(code_ptrs, mask=mask & (i < T - 1), other=0) & 1
         carry = tl.where(spiked_before != 0, 0.0, g * decay)
 
 
-def _launch(kernel, tensors, consts, like: torch.Tensor) -> None:
+def _launch(kernel, tensors, consts, like: torch.Tensor, *extra) -> None:
     acc = torch.promote_types(like.dtype, torch.float32)
     T = like.shape[0]
     M = like.numel() // T if T else 0
     if M == 0:
         return
     consts = torch.tensor(consts, dtype=torch.float64).to(device=like.device, dtype=acc)
-    kernel[(triton.cdiv(M, _BLOCK),)](*tensors, consts, T, M, BLOCK=_BLOCK, ACC=_TL_DTYPE[acc],
+    kernel[(triton.cdiv(M, _BLOCK),)](*tensors, consts, T, M, *extra, BLOCK=_BLOCK, ACC=_TL_DTYPE[acc],
                                       enable_fp_fusion=False)
 
 
@@ -94,5 +95,7 @@ def lif_forward(x: torch.Tensor, decay: float, v_th: float, lens: float) -> tupl
 def lif_backward(grad_spikes: torch.Tensor, code: torch.Tensor, decay: float, lens: float) -> torch.Tensor:
     grad_spikes, code = grad_spikes.contiguous(), code.contiguous()
     grad_x = torch.empty_like(grad_spikes)
-    _launch(_lif_backward_kernel, (grad_spikes, code, grad_x), [decay, 1.0 / (2.0 * lens)], grad_spikes)
+    last_step_offset = (grad_spikes.shape[0] - 1) * grad_spikes.stride(0)
+    _launch(_lif_backward_kernel, (grad_spikes, code, grad_x), [decay, 1.0 / (2.0 * lens)], grad_spikes,
+            last_step_offset)
     return grad_x
