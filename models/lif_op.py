@@ -10,15 +10,18 @@ code is the uint8 tensor backward needs: bit 0 = the neuron spiked, bit 1 = u wa
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 try:
     from models import _lif_cpu  # noqa: F401  (importing it registers the ops)
 except ImportError as e:
+    built = importlib.util.find_spec("models._lif_cpu") is not None
     raise ImportError(
-        "deepspike's compiled LIF op models/_lif_cpu.abi3.so is missing or does not load "
-        f"({e}). Build it from the checkout root with `python build_ops.py` (the venv's python; "
-        "`make test` and `make demo` build it too).") from e
+        f"deepspike's compiled LIF op models/_lif_cpu.abi3.so {f'does not load ({e})' if built else 'is not built'}. "
+        "Build it from the checkout root with `python build_ops.py` (the venv's python; `make test` and "
+        "`make demo` build it too).") from e
 
 
 @torch.library.register_fake("deepspike::lif")
