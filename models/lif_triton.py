@@ -11,6 +11,8 @@ Tested on the CPU under the Triton interpreter (TRITON_INTERPRET=1 set before tr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -80,9 +82,15 @@ def _launch(kernel, tensors, consts, like: torch.Tensor, *extra) -> None:
     M = like.numel() // T if T else 0
     if M == 0:
         return
-    consts = torch.tensor(consts, dtype=torch.float64).to(device=like.device, dtype=acc)
-    kernel[(triton.cdiv(M, _BLOCK),)](*tensors, consts, T, M, *extra, BLOCK=_BLOCK, ACC=_TL_DTYPE[acc],
-                                      enable_fp_fusion=False)
+    kernel[(triton.cdiv(M, _BLOCK),)](*tensors, _constants(tuple(consts), acc, like.device), T, M, *extra,
+                                      BLOCK=_BLOCK, ACC=_TL_DTYPE[acc], enable_fp_fusion=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernel's constants in the accumulation dtype on the device, made once per set of values: a host to
+    device copy in every call would synchronise the stream."""
+    return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
 def lif_forward(x: torch.Tensor, decay: float, v_th: float, lens: float) -> tuple[torch.Tensor, torch.Tensor]:
