@@ -52,6 +52,31 @@ def _backward(ctx, grad_spikes, _grad_code):
 torch.library.register_autograd("deepspike::lif", _backward, setup_context=_setup_context)
 
 
+def _backward_setup_context(ctx, inputs, output):
+    _, code, decay, lens = inputs
+    ctx.save_for_backward(code)
+    ctx.decay, ctx.height = decay, 1.0 / (2.0 * lens)
+
+
+def _backward_backward(ctx, grad_grad_x):
+    """Double backward (e.g. analysis.gradnorm's J J^T v). lif_backward is linear in grad_spikes,
+    grad_x = B(code) grad_spikes; this applies B^T, the same recurrence run forward in time:
+    z_t = r_t + (s_{t-1} ? 0 : decay * z_{t-1}), out_t = window_t ? height * z_t : 0. It is written in PyTorch
+    ops (rare, not a training path), so it is differentiable in turn."""
+    (code,) = ctx.saved_tensors
+    acc = torch.promote_types(grad_grad_x.dtype, torch.float32)
+    out = torch.empty_like(grad_grad_x, memory_format=torch.contiguous_format)
+    z = None
+    for t in range(code.shape[0]):
+        r = grad_grad_x[t].to(acc)
+        z = r if z is None else r + torch.where((code[t - 1] & 1).bool(), 0.0, z * ctx.decay)
+        out[t] = torch.where((code[t] & 2).bool(), z * ctx.height, 0.0)
+    return out, None, None, None
+
+
+torch.library.register_autograd("deepspike::lif_backward", _backward_backward, setup_context=_backward_setup_context)
+
+
 @torch.library.register_kernel("deepspike::lif", "cuda")
 def _lif_cuda(x, decay, v_th, lens):
     from models import lif_triton

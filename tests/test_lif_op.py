@@ -145,3 +145,23 @@ def test_missing_compiled_op_says_how_to_build_it():
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr and "python build_ops.py" in proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_double_backward_equals_reference(dtype, one_thread):
+    """J J^T v through a double backward, as analysis.gradnorm computes it."""
+    x, v = _inputs((6, 3, 41), dtype)
+    u = _inputs((6, 3, 41), dtype, seed=1)[1]
+    results = []
+    for fn in (lif_sequence, lif_sequence_reference):
+        xr = x.clone().requires_grad_(True)
+        y = fn(xr, *CONSTANTS[1])
+        w = torch.zeros_like(y, requires_grad=True)
+        (jt_w,) = torch.autograd.grad(y, xr, w, create_graph=True)
+        (jt_v,) = torch.autograd.grad(y, xr, v, retain_graph=True)
+        (j_jt_v,) = torch.autograd.grad(jt_w, w, jt_v, retain_graph=True)
+        (j_u,) = torch.autograd.grad(jt_w, w, u)
+        results.append((j_jt_v, j_u))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+        assert ours.abs().sum() > 0
