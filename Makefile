@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deepspike-installed
-# The compiled CPU kernels of torch.ops.deepspike.lif (built in place, loaded by models/lif_op.py).
-LIF_OP := models/_lif_cpu.abi3.so
+# The compiled CPU kernels of torch.ops.deepspike.lif, built into the venv (module deepspike_ops, loaded by
+# models/lif_op.py); this stamp says which source it was built from.
+LIF_OP := $(VENV)/.deepspike-ops-built
 APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev postgresql
 export DS_ACCELERATOR ?= cpu
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
@@ -26,8 +27,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv, spikingjelly; print('stack ok', torch.__version__)"
 	touch $(STAMP)
 
-$(LIF_OP): models/csrc/lif_cpu.cpp build_ops.py $(STAMP)
-	$(PY) build_ops.py
+$(LIF_OP): models/csrc/lif_cpu.cpp models/csrc/build.py $(STAMP)
+	$(PY) models/csrc/build.py
+	touch $(LIF_OP)
 
 test: $(STAMP) $(LIF_OP)
 	$(PY) -m ruff check .

@@ -14,6 +14,7 @@ else
   export PYTHONPATH=$PWD
 fi
 # models import the LIF op's compiled CPU kernels; a bare checkout has to build them first (needs g++).
-[ -f models/_lif_cpu.abi3.so ] || python3 build_ops.py >"$OUT/build_ops.txt" 2>&1 || { tail "$OUT/build_ops.txt"; exit 1; }
+python3 -c "import deepspike_ops" 2>/dev/null || python3 models/csrc/build.py >"$OUT/build_ops.txt" 2>&1 \
+  || { tail "$OUT/build_ops.txt"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 480 python3 -m bench.gpu_check --steps 10 --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt"

@@ -1,9 +1,10 @@
 """torch.ops.deepspike.lif(x, decay, v_th, lens) -> (spikes, code) and its backward op.
 
-The schemas and the CPU kernels are compiled C++ (models/csrc/lif_cpu.cpp, built into models/_lif_cpu.abi3.so
-by `python build_ops.py`); this module loads them and registers what torch needs around them: fake kernels
-(so torch.compile traces through the op without a graph break), autograd, and the CUDA kernels, which are
-Triton (models/lif_triton.py, imported on the first CUDA call so CPU-only processes never import triton).
+The schemas and the CPU kernels are compiled C++ (models/csrc/lif_cpu.cpp, built into the extension module
+`deepspike_ops` in site-packages by `python models/csrc/build.py`); this module loads them and registers what
+torch needs around them: fake kernels (so torch.compile traces through the op without a graph break),
+autograd, and the CUDA kernels, which are Triton (models/lif_triton.py, imported on the first CUDA call so
+CPU-only processes never import triton).
 
 code is the uint8 tensor backward needs: bit 0 = the neuron spiked, bit 1 = u was inside the surrogate window.
 """
@@ -15,12 +16,12 @@ import importlib.util
 import torch
 
 try:
-    from models import _lif_cpu  # noqa: F401  (importing it registers the ops)
+    import deepspike_ops  # noqa: F401  (importing it registers the ops)
 except ImportError as e:
-    built = importlib.util.find_spec("models._lif_cpu") is not None
+    built = importlib.util.find_spec("deepspike_ops") is not None
     raise ImportError(
-        f"deepspike's compiled LIF op models/_lif_cpu.abi3.so {f'does not load ({e})' if built else 'is not built'}. "
-        "Build it from the checkout root with `python build_ops.py` (the venv's python; `make test` and "
+        f"deepspike's compiled LIF op (module deepspike_ops) {f'does not load ({e})' if built else 'is not built'}. "
+        "Build it from the checkout root with `python models/csrc/build.py` (the venv's python; `make test` and "
         "`make demo` build it too).") from e
 
 

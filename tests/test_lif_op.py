@@ -140,11 +140,11 @@ def test_triton_kernel_equals_reference_under_the_interpreter():
 
 
 def test_missing_compiled_op_says_how_to_build_it():
-    code = "import sys; sys.modules['models._lif_cpu'] = None; import models"
+    code = "import sys; sys.modules['deepspike_ops'] = None; import models"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode != 0
-    assert "ImportError" in proc.stderr and "python build_ops.py" in proc.stderr
+    assert "ImportError" in proc.stderr and "python models/csrc/build.py" in proc.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -1,6 +1,6 @@
 // CPU kernels of torch.ops.deepspike.lif and lif_backward (registered here; fake, autograd and CUDA
 // kernels are registered in models/lif_op.py). Semantics are those of models.neuron.lif_sequence_reference,
-// operation for operation, so results are bit-identical: build_ops.py compiles it with -ffp-contract=off
+// operation for operation, so results are bit-identical: models/csrc/build.py compiles it with -ffp-contract=off
 // because a fused multiply-add in u * decay + x would round once where the reference rounds twice.
 #include <Python.h>
 
@@ -16,9 +16,9 @@
 #include <cmath>
 #include <cstdint>
 
-// Importing models._lif_cpu runs the TORCH_LIBRARY registrations below; the module itself is empty.
-extern "C" PyObject* PyInit__lif_cpu(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_lif_cpu", nullptr, -1, nullptr};
+// Importing deepspike_ops runs the TORCH_LIBRARY registrations below; the module itself is empty.
+extern "C" PyObject* PyInit_deepspike_ops(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "deepspike_ops", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }
 
