@@ -1,17 +1,17 @@
 """What the three launchers share: a small, frozen set of flags, validation before any resource is
 requested, and the hand-off of `trainer.train.train` to Ray Train.
 
-Resume rules: the same --run-name under the same --storage continues that run (Ray hands the newest
-checkpoint it registered to the restarted workers; without one the trainer finds its own newest step
-directory in the run dir); a new name starts fresh; --no-resume first moves an existing run of that name
-aside. The run directory is `<storage>/<run name>`: Ray's registered checkpoints (`step_XXXXXXXX/`, one
-merged copy of every rank's shard) sit next to the trainer's own (`checkpoints/`), its config and model.
+Resume rules: the same --run-name under the same --storage continues that run from the trainer's newest
+complete step directory; a new name starts fresh; --no-resume first moves an existing run of that name
+aside. The run directory is `<storage>/<run name>`, Ray's experiment directory too. There is one
+checkpoint store, the trainer's `checkpoints/step_XXXXXXXX/`: Ray receives each save's metrics and a
+reference to that directory, registered where it lies without a copy (local storage; with an s3://
+storage the run directory is elsewhere and Ray gets the metrics only).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from dataloaders.manifest import is_remote, manifest_rel
@@ -149,17 +149,19 @@ def train_loop(loop_config: dict) -> None:
     from trainer.train import train
 
     cfg = from_dict(TrainConfig, loop_config["cfg"])
+    register = loop_config["register_checkpoints"] and ray.train.get_context().get_world_rank() == 0
 
     def report(metrics: dict, ckpt_dir: str) -> None:
-        # Every rank reports the same step directory; Ray merges them into <run>/step_XXXXXXXX/.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
-                         checkpoint_dir_name=Path(ckpt_dir).name)
+        # Every rank reports (it is a barrier); rank 0 alone names the step directory all ranks wrote.
+        checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if register else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=Path(ckpt_dir).name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    with contextlib.ExitStack() as stack:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:  # a restart after a failure, or a resubmitted run name
-            cfg.checkpoint.resume = stack.enter_context(checkpoint.as_directory())
-        train(cfg, report=report)
+    if ray.train.get_checkpoint() is not None:
+        # A restart after a failure, or a resubmitted run name. Not from Ray's reference: a node that dies
+        # right after a save takes that save's report with it, so the trainer's newest step is newer.
+        cfg.checkpoint.resume, cfg.checkpoint.auto_resume = None, True
+    train(cfg, report=report)
 
 
 def _runtime_env() -> dict:
@@ -182,15 +184,15 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
     kind = "GPU" if scaling.use_gpu else "CPU"
     print(f"[launch] {cfg.run_name}: {scaling.num_workers} {kind} workers on {args.nodes} node(s); storage "
           f"{args.storage}; data {cfg.data.path}; MLflow {cfg.mlflow.tracking_uri}", flush=True)
-    keep = max(cfg.checkpoint.keep_last, 1)  # Ray's registered copies, like the trainer's own
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg)},
+        train_loop_config={"cfg": to_dict(cfg), "register_checkpoints": not is_remote(args.storage)},
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
                              failure_config=FailureConfig(max_failures=MAX_FAILURES),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep)),
+                             # Ray deletes what it evicts; the trainer prunes its own step directories.
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )
     result = trainer.fit()
     m = result.metrics or {}
