@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from analysis.gradlog import BlockGradNorms
 from dataloaders import build_loader
 from models import create_model
+from models.grad_norms import BlockGradNorms
 from trainer.checkpoint import CheckpointManager, CheckpointMeta, Progress, step_dir_name
 from trainer.config import TrainConfig, save_config, to_dict
 from trainer.deepspeed_config import deepspeed_config
