@@ -17,8 +17,9 @@ from PIL import Image
 
 from dataloaders import DataConfig, Loader, build_loader
 from dataloaders.convert import main as convert_cli
+from dataloaders.datasets.imagenet import MEAN as IMAGENET_MEAN
+from dataloaders.datasets.imagenet import STD as IMAGENET_STD
 from dataloaders.digits import digits_uint8
-from dataloaders.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dataloaders.wds_reader import ShardError
 
 pytest_plugins = ["data_fixtures"]
