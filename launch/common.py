@@ -4,9 +4,11 @@ requested, and the hand-off of `trainer.train.train` to Ray Train.
 Resume rules: the same --run-name under the same --storage continues that run from the trainer's newest
 complete step directory; a new name starts fresh; --no-resume first moves an existing run of that name
 aside. The run directory is `<storage>/<run name>`, Ray's experiment directory too. There is one
-checkpoint store, the trainer's `checkpoints/step_XXXXXXXX/`: Ray receives each save's metrics and a
-reference to that directory, registered where it lies without a copy (local storage; with an s3://
-storage the run directory is elsewhere and Ray gets the metrics only).
+checkpoint store, the trainer's `checkpoints/step_XXXXXXXX/`. Ray receives each save's metrics and a
+reference to it, `ray_refs/step_XXXXXXXX/checkpoint.json`, registered where it lies without an upload.
+The reference, not the step directory, is what Ray registers: Ray deletes what it evicts and refuses
+to restore a run whose registered checkpoints are gone, while the trainer prunes its own (keeping the
+best one too). With an s3:// storage the run directory lies elsewhere and Ray gets the metrics only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ray.train
 from ray.train import CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from dataloaders.datasets import get_dataset
 from dataloaders.manifest import is_remote, manifest_rel
 from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
 from trainer.recipes import get_recipe
@@ -30,6 +33,7 @@ from trainer.recipes import get_recipe
 ROOT = Path(__file__).resolve().parents[1]
 # Worker-group restarts Ray may do after crashes before the run fails; each resumes from a checkpoint.
 MAX_FAILURES = 3
+REFS, REF_FILE = "ray_refs", "checkpoint.json"
 
 
 class LaunchError(ValueError):
@@ -79,7 +83,7 @@ def build_config(args: argparse.Namespace, datasets: tuple[str, ...]) -> TrainCo
     if not is_remote(data):
         data = str(Path(data).expanduser().resolve())
         if not (Path(data) / manifest_rel("train", cfg.data.format)).is_file():
-            cli_name = {"cifar10dvs": "cifar10-dvs"}.get(cfg.data.dataset, cfg.data.dataset)
+            cli_name = get_dataset(cfg.data.dataset).cli_name
             raise LaunchError(f"data path {data} holds no converted {cfg.data.format} train split "
                               f"({manifest_rel('train', cfg.data.format)}); make one with python -m "
                               f"dataloaders.convert {cli_name} --out {data} --format {cfg.data.format}")
@@ -152,8 +156,13 @@ def train_loop(loop_config: dict) -> None:
     register = loop_config["register_checkpoints"] and ray.train.get_context().get_world_rank() == 0
 
     def report(metrics: dict, ckpt_dir: str) -> None:
-        # Every rank reports (it is a barrier); rank 0 alone names the step directory all ranks wrote.
-        checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if register else None
+        # Every rank reports (it is a barrier); rank 0 alone registers the step directory all ranks wrote.
+        checkpoint = None
+        if register:
+            ref = Path(cfg.run_dir) / REFS / Path(ckpt_dir).name
+            ref.mkdir(parents=True, exist_ok=True)
+            (ref / REF_FILE).write_text(json.dumps({"step_dir": ckpt_dir}))
+            checkpoint = ray.train.Checkpoint.from_directory(str(ref))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=Path(ckpt_dir).name,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
@@ -191,13 +200,15 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
                              failure_config=FailureConfig(max_failures=MAX_FAILURES),
-                             # Ray deletes what it evicts; the trainer prunes its own step directories.
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                             # Only the newest reference is needed: resume never reads one.
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
     m = result.metrics or {}
+    step_dir = json.loads((Path(result.checkpoint.path) / REF_FILE).read_text())["step_dir"] \
+        if result.checkpoint else None
     print(f"[launch] done: step {m.get('step')}, test top-1 {m.get('val/top1')}, checkpoint "
-          f"{result.checkpoint.path if result.checkpoint else None}; MLflow {cfg.mlflow.tracking_uri} "
+          f"{step_dir}; MLflow {cfg.mlflow.tracking_uri} "
           f"experiment {cfg.mlflow.experiment or cfg.recipe}, run {cfg.run_name}", flush=True)
     return result
 

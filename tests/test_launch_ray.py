@@ -152,10 +152,15 @@ def test_job_trains_on_two_nodes_checkpoints_and_logs_to_mlflow(cluster, baselin
     assert len(workers) == 2 and len({w.node_id for w in workers}) == 2
     assert {w.node_id for w in workers} == {n.node_id for n in cluster.nodes() if not n.is_head_node}
     run = cluster.storage / "baseline"
-    # Ray registered the trainer's own step directories where they lie, and copied none of them.
-    snapshot = (run / "checkpoint_manager_snapshot.json").read_text()
-    assert str(run / "checkpoints/step_00000040") in snapshot
+    # One checkpoint store: Ray registered a reference to the trainer's newest step directory, no copy.
+    snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    assert [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]] == ["ray_refs/step_00000040"]
+    assert [p.name for p in (run / "ray_refs/step_00000040").iterdir()] == ["checkpoint.json"]
+    ref = json.loads((run / "ray_refs/step_00000040/checkpoint.json").read_text())
+    assert ref == {"step_dir": str(run / "checkpoints/step_00000040")}
+    assert [p.name for p in (run / "ray_refs").iterdir()] == ["step_00000040"]  # evicted ones deleted
     assert not list(run.glob("step_*"))
+    assert f"checkpoint {run / 'checkpoints/step_00000040'};" in cluster.logs(sid)
     assert [d.name for d in sorted((run / "checkpoints").glob("step_*"))] == ["step_00000030", "step_00000040"]
     assert sorted(p.name for p in (run / "checkpoints/step_00000040").glob("trainer_rank*.pt")) == [
         "trainer_rank00000.pt", "trainer_rank00001.pt"]
@@ -180,7 +185,8 @@ def test_killed_worker_restores_from_checkpoint_with_identical_weights(cluster, 
 
 
 def test_stopped_run_resubmitted_with_its_name_resumes_on_fewer_nodes(cluster):
-    sid = cluster.submit("stopped", *TINY)
+    # 400 steps: without uploads 40 would be over before `ray job stop` lands.
+    sid = cluster.submit("stopped", *TINY, "optim.max_steps=400")
     saved = cluster.storage / "stopped/checkpoints/step_00000010"
     assert cluster.wait(sid, until=saved.exists) == JobStatus.RUNNING
     subprocess.run([str(BIN / "ray"), "job", "stop", sid], env=cluster.env, check=True, capture_output=True)
@@ -189,19 +195,19 @@ def test_stopped_run_resubmitted_with_its_name_resumes_on_fewer_nodes(cluster):
     assert first.info.status != "FINISHED"
 
     # Same --run-name, half the nodes, and this time the code shipped with --working-dir.
-    sid = cluster.submit("stopped", *TINY, nodes=1, working_dir=True)
+    sid = cluster.submit("stopped", *TINY, "optim.max_steps=400", nodes=1, working_dir=True)
     assert cluster.wait(sid) == JobStatus.SUCCEEDED, cluster.logs(sid)[-3000:]
     logs = cluster.logs(sid)
-    assert 10 <= resumed_step(logs) < 40, logs[-3000:]
+    assert 10 <= resumed_step(logs) < 400, logs[-3000:]
     assert "world 1 x micro 4 x accum 2 = 8" in logs
     assert len(cluster.workers(sid)) == 1
-    meta = json.loads((cluster.storage / "stopped/checkpoints/step_00000040/meta.json").read_text())
+    meta = json.loads((cluster.storage / "stopped/checkpoints/step_00000400/meta.json").read_text())
     assert meta["world_size"] == 1 and meta["mlflow_run_id"] == first.info.run_id
     [run] = mlflow_runs(cluster, "stopped")
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
     steps = [m.step for m in mlflow.MlflowClient(cluster.state["mlflow"]).get_metric_history(
         run.info.run_id, "train/loss")]
-    assert steps[0] == 5 and steps[-1] == 40 and set(range(5, 41, 5)) <= set(steps)
+    assert steps[0] == 5 and steps[-1] == 400 and set(range(5, 401, 5)) <= set(steps)
 
 
 def test_node_lost_right_after_a_save_resumes_from_the_newest_step(cluster):
@@ -221,3 +227,4 @@ def test_node_lost_right_after_a_save_resumes_from_the_newest_step(cluster):
     run = cluster.storage / "node-loss"
     assert json.loads((run / "checkpoints/step_00000060/meta.json").read_text())["step"] == 60
     assert not list(run.glob("step_*"))  # the trainer's step directories are the only store
+    assert (run / "ray_refs/step_00000060/checkpoint.json").is_file()
