@@ -28,7 +28,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from dataloaders.datasets import get_dataset
 from dataloaders.manifest import is_remote, manifest_rel
 from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
+from trainer.deepspeed_config import grad_accumulation
+from trainer.mlflow_store import local_store_uri
 from trainer.recipes import get_recipe
+from trainer.set_aside import set_aside
 
 ROOT = Path(__file__).resolve().parents[1]
 # Worker-group restarts Ray may do after crashes before the run fails; each resumes from a checkpoint.
@@ -105,25 +108,16 @@ def build_config(args: argparse.Namespace, datasets: tuple[str, ...]) -> TrainCo
         args.storage = str(Path(args.storage).expanduser().resolve())
         cfg.run_dir = str(Path(args.storage) / cfg.run_name)
         # Without a tracking server the runs still land in one shared place, next to the checkpoints.
-        cfg.mlflow.tracking_uri = cfg.mlflow.tracking_uri or f"sqlite:///{Path(args.storage) / 'mlflow.db'}"
+        cfg.mlflow.tracking_uri = cfg.mlflow.tracking_uri or local_store_uri(args.storage)
     return cfg
 
 
 def check_batch(cfg: TrainConfig, world: int) -> None:
-    micro = cfg.data.batch_size * world
-    if cfg.optim.global_batch % micro:
-        raise LaunchError(f"optim.global_batch={cfg.optim.global_batch} is not a multiple of {world} "
-                          f"workers x data.batch_size={cfg.data.batch_size} = {micro}; change --nodes, "
-                          "--gpus-per-node or --set data.batch_size=...")
-
-
-def set_aside(run_dir: Path) -> Path | None:
-    """--no-resume: rename an earlier run of this name (nothing is deleted); returns its new path."""
-    if not run_dir.exists():
-        return None
-    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(aside)
-    return aside
+    """The trainer's own batch arithmetic, run before any worker is requested."""
+    try:
+        grad_accumulation(cfg.optim.global_batch, cfg.data.batch_size, world)
+    except ValueError as e:
+        raise LaunchError(f"{e} --nodes and --gpus-per-node set the number of ranks.") from None
 
 
 def plan_workers(args: argparse.Namespace, cfg: TrainConfig, nodes: list[dict]) -> ScalingConfig:

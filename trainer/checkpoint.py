@@ -37,6 +37,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_set_full_optimizer_state
 
 from trainer.distributed import rank_seed, rng_state, seed_all, set_rng_state
+from trainer.set_aside import set_aside
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -151,7 +152,7 @@ class CheckpointManager:
         """Collective. Starting over must not interleave step directories with an earlier run's: a later
         automatic resume would pick whichever is newest. The old ones are kept aside, not deleted."""
         if dist.get_rank() == 0 and complete_checkpoints(self.root):
-            self.root.rename(self.root.with_name(f"checkpoints.replaced-{int(time.time())}"))
+            set_aside(self.root)
         dist.barrier()
 
     def save(self, engine, loader, meta: CheckpointMeta) -> Path:
