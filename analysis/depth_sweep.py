@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.mlflow_store import local_store_uri
+
 FAMILIES = {"ms": "ms_resnet", "spiking": "spiking_resnet", "sew": "sew_resnet"}
 FIELDS = ("family", "depth", "status", "val_top1", "val_best_top1", "train_loss", "spikes_per_neuron",
           "mj_per_image", "grad_first_over_last", "run_name", "run_id")
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         p.error("--jobs and --epochs must be >= 1")
     runs_dir = Path(args.runs_dir)
     args.experiment = args.experiment or f"depth_sweep_{args.dataset}"
-    args.tracking_uri = args.tracking_uri or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
+    args.tracking_uri = args.tracking_uri or local_store_uri(runs_dir)
     if args.data_path is None:
         if args.dataset != "digits":
             p.error("--data-path is required for cifar10 (python -m dataloaders.convert cifar10 ...)")

@@ -6,7 +6,7 @@
 On real batches (scikit-learn digits upsampled to the CIFAR shape 3x32x32 by default), in train mode
 (tdBN normalises with batch statistics, as in training), for every block b with input x_b and output y_b:
 
-- grad_norm: ||dL/dx_b|| for the mean cross-entropy L of the batch, the quantity `analysis.gradlog`
+- grad_norm: ||dL/dx_b|| for the mean cross-entropy L of the batch, the quantity `models.grad_norms`
   logs during training. x_b is the membrane sum (MS), spikes (vanilla) or spike counts (SEW).
 - phi: phi(J J^T) = tr(J J^T) / d for the block Jacobian J = dy_b/dx_b, d = numel(y_b) (the whole
   [T, N, C, H, W] tensor: tdBN couples samples and time steps). Hutchinson: E||J^T v||^2 / d over
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.gradlog import BlockGradNorms
 from analysis.loading import load_checkpoint_model, real_batches
 from models import create_model
+from models.grad_norms import BlockGradNorms
 
 FIELDS = ("model", "source", "T", "block", "stage", "grad_norm", "phi", "phi_spread")
 

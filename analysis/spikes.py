@@ -34,7 +34,7 @@ FIELDS = ("layer", "kind", "rate", "spikes_per_neuron", "neurons", "macs", "sops
 @torch.no_grad()
 def measure(model: torch.nn.Module, batches, precision: str = "fp32") -> tuple[list[dict], dict[str, float]]:
     """(per-layer rows in module order, SpikeMonitor.summary())."""
-    from trainer.evaluate import autocast
+    from trainer.precision import autocast
 
     model.eval()
     with SpikeMonitor(model) as mon, autocast(torch.device("cpu"), precision):

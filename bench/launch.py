@@ -25,6 +25,8 @@ from pathlib import Path
 
 import mlflow
 
+from trainer.mlflow_store import local_store_uri
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 OUT = ROOT / "runs/bench-launch"
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (data / "test/manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "dataloaders.convert", "digits", "--out", str(data), "--format",
                         "wds", "--size", "16"], cwd=ROOT, check=True)
-    store = f"sqlite:///{OUT / 'mlflow.db'}"
+    store = local_store_uri(OUT)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 

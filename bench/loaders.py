@@ -31,8 +31,9 @@ from torchvision.transforms import v2
 
 from dataloaders import DataConfig, build_loader
 from dataloaders.convert import convert
+from dataloaders.datasets.imagenet import MEAN as IMAGENET_MEAN
+from dataloaders.datasets.imagenet import STD as IMAGENET_STD
 from dataloaders.synthetic import imagenet
-from dataloaders.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _cpu_seconds() -> float:

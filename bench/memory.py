@@ -9,7 +9,7 @@ Rows per config, each in a fresh process (so one row's allocations cannot hide i
   kxs        deepspike, every k-th segment of s consecutive blocks checkpointed as one unit
   sj         SpikingJelly 2.0 multi-step build of the same architecture (bench.peers), no checkpointing
 A step is bf16 autocast forward + loss + backward + SGD (momentum) on random data
-(`trainer.plan.measure_step`).
+(`bench.plan.measure_step`).
 
 Columns: median step time (wall; on a CPU also the process's CPU time, which other load does not
 inflate as long as the row runs one thread, the CPU default here, and "time vs none" uses it);
@@ -39,7 +39,7 @@ GiB = 2**30
 
 def run_row(name: str, res: int, row: str, batch: int, T: int, steps: int, device: str,
             threads: int) -> dict:
-    from trainer.plan import build, measure_step
+    from bench.plan import build, measure_step
 
     dev = torch.device(device)
     if threads:

@@ -2,8 +2,9 @@
 rank with `build_loader` (WebDataset shards or FFCV files, exact epochs, resumable mid-epoch)."""
 
 from dataloaders.config import DataConfig
+from dataloaders.datasets import get_dataset, list_datasets
 
-__all__ = ["DataConfig", "Loader", "build_loader"]
+__all__ = ["DataConfig", "Loader", "build_loader", "get_dataset", "list_datasets"]
 
 
 def __getattr__(name):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DATASETS = ("imagenet", "cifar10", "cifar10dvs", "digits")
+from dataloaders.datasets import list_datasets
+
 FORMATS = ("wds", "ffcv")
 
 
 @dataclass
 class DataConfig:
     dataset: str = "digits"
-    """'imagenet' | 'cifar10' | 'cifar10dvs' | 'digits'."""
+    """A `dataloaders.datasets` module's name: `list_datasets()`."""
     format: str = "wds"
     """'wds' (WebDataset tar shards) or 'ffcv' (.beton files)."""
     path: str = ""
@@ -40,8 +41,8 @@ class DataConfig:
 
     def validate(self):
         """Raise a clear error for a bad value; also run by `build_loader` after command-line overrides."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"data.dataset={self.dataset!r}; expected one of {DATASETS}")
+        if self.dataset not in list_datasets():
+            raise ValueError(f"data.dataset={self.dataset!r}; expected one of {list_datasets()}")
         if self.format not in FORMATS:
             raise ValueError(f"data.format={self.format!r}; expected one of {FORMATS}")
         if self.batch_size < 1 or self.num_workers < 0:

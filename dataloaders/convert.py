@@ -51,13 +51,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataloaders import sources
+from dataloaders.config import FORMATS
+from dataloaders.datasets import get_dataset, list_datasets
 from dataloaders.manifest import manifest_rel, sha256_file, write_json
 from dataloaders.sources import BadSample
 
 log = logging.getLogger("dataloaders.convert")
-# Command-line name -> DataConfig.dataset
-DATASET_NAMES = {"imagenet": "imagenet", "cifar10": "cifar10", "cifar10-dvs": "cifar10dvs",
-                 "digits": "digits"}
 
 
 @dataclass
@@ -81,28 +80,22 @@ class ConversionError(RuntimeError):
     """Conversion stopped on bad input (--on-error stop) or inconsistent earlier output."""
 
 
-def _splits(dataset: str, src, opts: Options):
-    if dataset == "imagenet":
-        return sources.imagenet_splits(src, ["train", "val"])
-    if dataset == "cifar10":
-        return sources.cifar10_splits(src)
-    if dataset == "cifar10dvs":
-        return sources.dvs_splits(src, opts.frames, opts.train_fraction)
-    return sources.digits_splits(opts.size)
-
-
 def convert(dataset: str, out: str | Path, fmt: str, src: str | Path | None = None,
             **options) -> dict[str, dict]:
-    """Convert every split of `dataset` (a key or value of DATASET_NAMES); returns the manifests."""
-    dataset = DATASET_NAMES.get(dataset, dataset)
-    if dataset not in DATASET_NAMES.values() or fmt not in ("wds", "ffcv"):
+    """Convert every split of `dataset` (its registry or command-line name); returns the manifests."""
+    try:
+        spec = get_dataset(dataset)
+    except KeyError:
+        spec = None
+    if spec is None or fmt not in FORMATS:
         raise ValueError(f"unknown dataset {dataset!r} or format {fmt!r}")
+    dataset = spec.name
     opts = Options(**options)
     if opts.on_error not in ("skip", "stop"):
         raise ValueError(f"on_error={opts.on_error!r}; expected 'skip' or 'stop'")
-    if src is None and dataset != "digits":
+    if src is None and spec.needs_src:
         raise ValueError(f"{dataset} needs --src")
-    classes, splits = _splits(dataset, src, opts)
+    classes, splits = spec.read(src, opts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifests = {}
@@ -334,7 +327,7 @@ def _write_ffcv(split: sources.Split, name: str, out: Path, opts: Options, head:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dataloaders.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=sorted(DATASET_NAMES))
+    p.add_argument("dataset", choices=sorted(get_dataset(d).cli_name for d in list_datasets()))
     p.add_argument("--src", help="raw data (not needed for digits)")
     p.add_argument("--out", required=True)
     p.add_argument("--format", required=True, choices=["wds", "ffcv"])

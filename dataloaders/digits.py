@@ -10,8 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DIGITS_MEAN = (0.2087,) * 3
-DIGITS_STD = (0.3081,) * 3
+from dataloaders.datasets.digits import MEAN, STD
 
 
 def digits_uint8(size: int = 32, test_fraction: float = 0.25) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -33,8 +32,8 @@ def digits_uint8(size: int = 32, test_fraction: float = 0.25) -> dict[str, tuple
 
 def digits_tensors(size: int = 32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Normalised float tensors [N, 3, size, size] and labels, ready for the model."""
-    mean = torch.tensor(DIGITS_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(DIGITS_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
     out = {}
     for split, (img, y) in digits_uint8(size).items():
         x = torch.from_numpy(img).permute(0, 3, 1, 2).float() / 255.0

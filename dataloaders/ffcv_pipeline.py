@@ -27,6 +27,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
+from dataloaders.datasets import get_dataset
 from dataloaders.order import mix_seed
 from dataloaders.transforms import seeded
 
@@ -113,7 +114,7 @@ class FfcvBackend:
         self.seeded = None
         if manifest["sample"]["kind"] == "frames":
             field, decoders = "frames", [NDArrayDecoder(), ToTensor()]
-        elif cfg.dataset != "imagenet":
+        elif not get_dataset(cfg.dataset).decoder_crops:
             field, decoders = "image", [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()]
         elif train:
             self.seeded = SeededRandomResizedCrop((cfg.image_size, cfg.image_size), cfg.hflip)

@@ -7,6 +7,7 @@
         for images, labels in loader:   # images float [N, C, H, W] ([N, T, 2, 128, 128] for DVS)
             ...
         state = loader.state_dict()     # store with the checkpoint; load_state_dict() resumes mid-epoch
+    loader.seek(epoch, batches)         # the same position on another world size
 
 Every rank yields `len(loader)` batches per epoch (see `dataloaders.order` for the plan). Rows with label
 -1 are zeros and carry no sample: eval padding on ranks that ran out of data, or a sample that failed to
@@ -59,6 +60,14 @@ class Loader:
             else:
                 self.batches_yielded = start + k + 1
             yield images, labels
+
+    def seek(self, epoch: int, batches: int) -> None:
+        """Continue `batches` batches into `epoch`. Unlike `load_state_dict`, this holds under another world
+        size: an epoch's order depends only on (seed, epoch), and every global batch is the next
+        global-batch samples of it whatever the number of ranks."""
+        if not 0 <= batches < len(self):
+            raise ValueError(f"cannot seek {batches} batches into an epoch of {len(self)}")
+        self.epoch, self.batches_yielded = epoch, batches
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": self.plan.seed,

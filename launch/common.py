@@ -1,17 +1,19 @@
 """What the three launchers share: a small, frozen set of flags, validation before any resource is
 requested, and the hand-off of `trainer.train.train` to Ray Train.
 
-Resume rules: the same --run-name under the same --storage continues that run (Ray hands the newest
-checkpoint it registered to the restarted workers; without one the trainer finds its own newest step
-directory in the run dir); a new name starts fresh; --no-resume first moves an existing run of that name
-aside. The run directory is `<storage>/<run name>`: Ray's registered checkpoints (`step_XXXXXXXX/`, one
-merged copy of every rank's shard) sit next to the trainer's own (`checkpoints/`), its config and model.
+Resume rules: the same --run-name under the same --storage continues that run from the trainer's newest
+complete step directory; a new name starts fresh; --no-resume first moves an existing run of that name
+aside. The run directory is `<storage>/<run name>`, Ray's experiment directory too. There is one
+checkpoint store, the trainer's `checkpoints/step_XXXXXXXX/`. Ray receives each save's metrics and a
+reference to it, `ray_refs/step_XXXXXXXX/checkpoint.json`, registered where it lies without an upload.
+The reference, not the step directory, is what Ray registers: Ray deletes what it evicts and refuses
+to restore a run whose registered checkpoints are gone, while the trainer prunes its own (keeping the
+best one too). With an s3:// storage the run directory lies elsewhere and Ray gets the metrics only.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -20,16 +22,21 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from dataloaders.datasets import get_dataset
 from dataloaders.manifest import is_remote, manifest_rel
 from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
+from trainer.deepspeed_config import grad_accumulation
+from trainer.mlflow_store import local_store_uri
 from trainer.recipes import get_recipe
+from trainer.set_aside import set_aside
 
 ROOT = Path(__file__).resolve().parents[1]
 # Worker-group restarts Ray may do after crashes before the run fails; each resumes from a checkpoint.
 MAX_FAILURES = 3
+REFS, REF_FILE = "ray_refs", "checkpoint.json"
 
 
 class LaunchError(ValueError):
@@ -79,7 +86,7 @@ def build_config(args: argparse.Namespace, datasets: tuple[str, ...]) -> TrainCo
     if not is_remote(data):
         data = str(Path(data).expanduser().resolve())
         if not (Path(data) / manifest_rel("train", cfg.data.format)).is_file():
-            cli_name = {"cifar10dvs": "cifar10-dvs"}.get(cfg.data.dataset, cfg.data.dataset)
+            cli_name = get_dataset(cfg.data.dataset).cli_name
             raise LaunchError(f"data path {data} holds no converted {cfg.data.format} train split "
                               f"({manifest_rel('train', cfg.data.format)}); make one with python -m "
                               f"dataloaders.convert {cli_name} --out {data} --format {cfg.data.format}")
@@ -101,25 +108,16 @@ def build_config(args: argparse.Namespace, datasets: tuple[str, ...]) -> TrainCo
         args.storage = str(Path(args.storage).expanduser().resolve())
         cfg.run_dir = str(Path(args.storage) / cfg.run_name)
         # Without a tracking server the runs still land in one shared place, next to the checkpoints.
-        cfg.mlflow.tracking_uri = cfg.mlflow.tracking_uri or f"sqlite:///{Path(args.storage) / 'mlflow.db'}"
+        cfg.mlflow.tracking_uri = cfg.mlflow.tracking_uri or local_store_uri(args.storage)
     return cfg
 
 
 def check_batch(cfg: TrainConfig, world: int) -> None:
-    micro = cfg.data.batch_size * world
-    if cfg.optim.global_batch % micro:
-        raise LaunchError(f"optim.global_batch={cfg.optim.global_batch} is not a multiple of {world} "
-                          f"workers x data.batch_size={cfg.data.batch_size} = {micro}; change --nodes, "
-                          "--gpus-per-node or --set data.batch_size=...")
-
-
-def set_aside(run_dir: Path) -> Path | None:
-    """--no-resume: rename an earlier run of this name (nothing is deleted); returns its new path."""
-    if not run_dir.exists():
-        return None
-    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(aside)
-    return aside
+    """The trainer's own batch arithmetic, run before any worker is requested."""
+    try:
+        grad_accumulation(cfg.optim.global_batch, cfg.data.batch_size, world)
+    except ValueError as e:
+        raise LaunchError(f"{e} --nodes and --gpus-per-node set the number of ranks.") from None
 
 
 def plan_workers(args: argparse.Namespace, cfg: TrainConfig, nodes: list[dict]) -> ScalingConfig:
@@ -149,17 +147,24 @@ def train_loop(loop_config: dict) -> None:
     from trainer.train import train
 
     cfg = from_dict(TrainConfig, loop_config["cfg"])
+    register = loop_config["register_checkpoints"] and ray.train.get_context().get_world_rank() == 0
 
     def report(metrics: dict, ckpt_dir: str) -> None:
-        # Every rank reports the same step directory; Ray merges them into <run>/step_XXXXXXXX/.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
-                         checkpoint_dir_name=Path(ckpt_dir).name)
+        # Every rank reports (it is a barrier); rank 0 alone registers the step directory all ranks wrote.
+        checkpoint = None
+        if register:
+            ref = Path(cfg.run_dir) / REFS / Path(ckpt_dir).name
+            ref.mkdir(parents=True, exist_ok=True)
+            (ref / REF_FILE).write_text(json.dumps({"step_dir": ckpt_dir}))
+            checkpoint = ray.train.Checkpoint.from_directory(str(ref))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=Path(ckpt_dir).name,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    with contextlib.ExitStack() as stack:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:  # a restart after a failure, or a resubmitted run name
-            cfg.checkpoint.resume = stack.enter_context(checkpoint.as_directory())
-        train(cfg, report=report)
+    if ray.train.get_checkpoint() is not None:
+        # A restart after a failure, or a resubmitted run name. Not from Ray's reference: a node that dies
+        # right after a save takes that save's report with it, so the trainer's newest step is newer.
+        cfg.checkpoint.resume, cfg.checkpoint.auto_resume = None, True
+    train(cfg, report=report)
 
 
 def _runtime_env() -> dict:
@@ -182,20 +187,22 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
     kind = "GPU" if scaling.use_gpu else "CPU"
     print(f"[launch] {cfg.run_name}: {scaling.num_workers} {kind} workers on {args.nodes} node(s); storage "
           f"{args.storage}; data {cfg.data.path}; MLflow {cfg.mlflow.tracking_uri}", flush=True)
-    keep = max(cfg.checkpoint.keep_last, 1)  # Ray's registered copies, like the trainer's own
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg)},
+        train_loop_config={"cfg": to_dict(cfg), "register_checkpoints": not is_remote(args.storage)},
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
                              failure_config=FailureConfig(max_failures=MAX_FAILURES),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep)),
+                             # Only the newest reference is needed: resume never reads one.
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
     m = result.metrics or {}
+    step_dir = json.loads((Path(result.checkpoint.path) / REF_FILE).read_text())["step_dir"] \
+        if result.checkpoint else None
     print(f"[launch] done: step {m.get('step')}, test top-1 {m.get('val/top1')}, checkpoint "
-          f"{result.checkpoint.path if result.checkpoint else None}; MLflow {cfg.mlflow.tracking_uri} "
+          f"{step_dir}; MLflow {cfg.mlflow.tracking_uri} "
           f"experiment {cfg.mlflow.experiment or cfg.recipe}, run {cfg.run_name}", flush=True)
     return result
 

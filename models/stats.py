@@ -19,6 +19,7 @@ from collections import defaultdict
 from torch import nn
 
 from models.neuron import LIF
+from models.protocol import SpikingNetwork
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -115,7 +116,7 @@ class SpikeMonitor:
         T = max(self.timesteps.values(), default=1)
         out = {"spikes/rate": total_spikes / max(total_neuron_steps, 1),
                "spikes/per_neuron_per_sample": total_spikes / max(total_neuron_steps / T, 1)}
-        stage_of = getattr(self.model, "block_stage", None)
+        stage_of = self.model.block_stage if isinstance(self.model, SpikingNetwork) else None
         if stage_of is not None:
             per_stage: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
             for name in self.neurons:

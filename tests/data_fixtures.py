@@ -17,7 +17,8 @@ from PIL import Image
 from dataloaders import synthetic
 from dataloaders.cifar_format import write_cifar10
 from dataloaders.convert import convert
-from dataloaders.transforms import CIFAR10_MEAN, CIFAR10_STD
+from dataloaders.datasets.cifar10 import MEAN as CIFAR10_MEAN
+from dataloaders.datasets.cifar10 import STD as CIFAR10_STD
 
 ROUND_TRIP_SIDE = 64
 

@@ -93,7 +93,7 @@ def test_ms_block_is_an_isometry_at_init_and_vanilla_is_not():
 
 
 def _block_input_grad_norms(name, x, y):
-    from analysis.gradlog import BlockGradNorms
+    from models.grad_norms import BlockGradNorms
 
     torch.manual_seed(0)
     model = create_model(name, T=2).train()

@@ -17,8 +17,9 @@ from PIL import Image
 
 from dataloaders import DataConfig, Loader, build_loader
 from dataloaders.convert import main as convert_cli
+from dataloaders.datasets.imagenet import MEAN as IMAGENET_MEAN
+from dataloaders.datasets.imagenet import STD as IMAGENET_STD
 from dataloaders.digits import digits_uint8
-from dataloaders.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dataloaders.wds_reader import ShardError
 
 pytest_plugins = ["data_fixtures"]
@@ -254,3 +255,25 @@ def test_shards_are_plain_webdataset(imagenet_wds):
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
     assert len(samples) == 24 and {"jpg", "cls", "json"} <= samples[0].keys()
     assert isinstance(samples[0]["jpg"], Image.Image)  # decoded by WebDataset's own decoder
+
+
+def test_seek_continues_where_another_world_size_stopped(imagenet_wds):
+    """Two ranks x 3 samples and one rank x 6 samples share each global batch: seeking one rank to the
+    second global batch yields exactly the samples the two ranks read there, with the same crops."""
+    cfg = DataConfig(dataset="imagenet", format="wds", path=str(imagenet_wds), batch_size=3, num_workers=0,
+                     image_size=32, hflip=True, seed=11)
+    pair = []
+    for rank in (0, 1):
+        loader = build_loader(cfg, "train", rank, 2)
+        loader.set_epoch(1)
+        pair.append([(x.clone(), y.clone()) for x, y in loader][1])
+    single = build_loader(dataclasses.replace(cfg, batch_size=6), "train", 0, 1)
+    single.seek(1, 1)
+    x, y = next(iter(single))
+    assert single.state_dict()["epoch"] == 1 and single.state_dict()["batches_yielded"] == 2
+    two = torch.cat([p[0] for p in pair])
+    order = [min(range(6), key=lambda j: (x[i] - two[j]).abs().sum().item()) for i in range(6)]
+    assert sorted(order) == list(range(6))
+    assert torch.equal(x, two[order]) and torch.equal(y, torch.cat([p[1] for p in pair])[order])
+    with pytest.raises(ValueError, match="cannot seek"):
+        single.seek(1, len(single))

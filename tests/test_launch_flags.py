@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from launch.common import ROOT, LaunchError, build_config, build_parser, main, parse_args, set_aside
+from launch.common import ROOT, LaunchError, build_config, build_parser, main, parse_args
 from launch.common import _runtime_env as runtime_env
+from trainer.set_aside import set_aside
 
 CIFAR = ("cifar10", "digits")
 
@@ -68,9 +69,10 @@ def test_global_batch_not_divisible_fails_before_ray_starts(digits, capsys):
         main("digits_tiny", CIFAR, ["--nodes", "3", "--gpus-per-node", "0", "--data", str(digits),
                                     "--set", "optim.global_batch=8", "data.batch_size=4"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == ("error: optim.global_batch=8 is not a multiple of 3 workers x "
-                                       "data.batch_size=4 = 12; change --nodes, --gpus-per-node or "
-                                       "--set data.batch_size=...\n")
+    assert capsys.readouterr().err == ("error: optim.global_batch=8 is not divisible by data.batch_size=4 x "
+                                       "world size 3 = 12. The global batch is fixed by the recipe; no "
+                                       "per-rank data.batch_size fits it; change the number of ranks. "
+                                       "--nodes and --gpus-per-node set the number of ranks.\n")
     assert not ray.is_initialized()
 
 

@@ -25,6 +25,8 @@ import torch
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors, list_nodes
 
+from cluster.local import _kill_groups
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,14 +152,18 @@ def test_job_trains_on_two_nodes_checkpoints_and_logs_to_mlflow(cluster, baselin
     assert len(workers) == 2 and len({w.node_id for w in workers}) == 2
     assert {w.node_id for w in workers} == {n.node_id for n in cluster.nodes() if not n.is_head_node}
     run = cluster.storage / "baseline"
-    # Ray registered the trainer's checkpoints, every rank's shard merged into one folder per step.
-    assert "step_00000040" in (run / "checkpoint_manager_snapshot.json").read_text()
-    for step in (30, 40):  # CheckpointConfig keeps the trainer's keep_last = 2
-        ray_copy = run / f"step_{step:08d}"
-        assert sorted(p.name for p in ray_copy.glob("trainer_rank*.pt")) == [
-            "trainer_rank00000.pt", "trainer_rank00001.pt"]
-        assert json.loads((ray_copy / "meta.json").read_text())["step"] == step
-    assert not (run / "step_00000010").exists()
+    # One checkpoint store: Ray registered a reference to the trainer's newest step directory, no copy.
+    snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    assert [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]] == ["ray_refs/step_00000040"]
+    assert [p.name for p in (run / "ray_refs/step_00000040").iterdir()] == ["checkpoint.json"]
+    ref = json.loads((run / "ray_refs/step_00000040/checkpoint.json").read_text())
+    assert ref == {"step_dir": str(run / "checkpoints/step_00000040")}
+    assert [p.name for p in (run / "ray_refs").iterdir()] == ["step_00000040"]  # evicted ones deleted
+    assert not list(run.glob("step_*"))
+    assert f"checkpoint {run / 'checkpoints/step_00000040'};" in cluster.logs(sid)
+    assert [d.name for d in sorted((run / "checkpoints").glob("step_*"))] == ["step_00000030", "step_00000040"]
+    assert sorted(p.name for p in (run / "checkpoints/step_00000040").glob("trainer_rank*.pt")) == [
+        "trainer_rank00000.pt", "trainer_rank00001.pt"]
     [r] = mlflow_runs(cluster, "baseline")
     assert r.info.status == "FINISHED"
     history = mlflow.MlflowClient(cluster.state["mlflow"]).get_metric_history(r.info.run_id, "train/loss")
@@ -179,25 +185,46 @@ def test_killed_worker_restores_from_checkpoint_with_identical_weights(cluster, 
 
 
 def test_stopped_run_resubmitted_with_its_name_resumes_on_fewer_nodes(cluster):
-    sid = cluster.submit("stopped", *TINY)
-    registered = cluster.storage / "stopped/step_00000010"  # Ray's copy: the checkpoint was reported
-    assert cluster.wait(sid, until=registered.exists) == JobStatus.RUNNING
+    # 400 steps: without uploads 40 would be over before `ray job stop` lands.
+    sid = cluster.submit("stopped", *TINY, "optim.max_steps=400")
+    saved = cluster.storage / "stopped/checkpoints/step_00000010"
+    assert cluster.wait(sid, until=saved.exists) == JobStatus.RUNNING
     subprocess.run([str(BIN / "ray"), "job", "stop", sid], env=cluster.env, check=True, capture_output=True)
     assert cluster.wait(sid, timeout=120) == JobStatus.STOPPED
     [first] = mlflow_runs(cluster, "stopped")
     assert first.info.status != "FINISHED"
 
     # Same --run-name, half the nodes, and this time the code shipped with --working-dir.
-    sid = cluster.submit("stopped", *TINY, nodes=1, working_dir=True)
+    sid = cluster.submit("stopped", *TINY, "optim.max_steps=400", nodes=1, working_dir=True)
     assert cluster.wait(sid) == JobStatus.SUCCEEDED, cluster.logs(sid)[-3000:]
     logs = cluster.logs(sid)
-    assert 10 <= resumed_step(logs) < 40, logs[-3000:]
+    assert 10 <= resumed_step(logs) < 400, logs[-3000:]
     assert "world 1 x micro 4 x accum 2 = 8" in logs
     assert len(cluster.workers(sid)) == 1
-    meta = json.loads((cluster.storage / "stopped/checkpoints/step_00000040/meta.json").read_text())
+    meta = json.loads((cluster.storage / "stopped/checkpoints/step_00000400/meta.json").read_text())
     assert meta["world_size"] == 1 and meta["mlflow_run_id"] == first.info.run_id
     [run] = mlflow_runs(cluster, "stopped")
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
     steps = [m.step for m in mlflow.MlflowClient(cluster.state["mlflow"]).get_metric_history(
         run.info.run_id, "train/loss")]
-    assert steps[0] == 5 and steps[-1] == 40 and set(range(5, 41, 5)) <= set(steps)
+    assert steps[0] == 5 and steps[-1] == 400 and set(range(5, 401, 5)) <= set(steps)
+
+
+def test_node_lost_right_after_a_save_resumes_from_the_newest_step(cluster):
+    """Kept last in this module: it takes a worker node away for good. The node dies the moment the
+    trainer's step 40 is complete, before Ray could register that save; the resubmitted run must still
+    continue from step 40, the newest complete checkpoint, and Ray must hold no copy of its own."""
+    sid = cluster.submit("node-loss", *TINY, "optim.max_steps=60")
+    newest = cluster.storage / "node-loss/checkpoints/step_00000040"
+    assert cluster.wait(sid, until=newest.exists) == JobStatus.RUNNING
+    _kill_groups([cluster.state["pgids"]["worker2"]], grace_s=0)  # the node's raylet and its workers
+    subprocess.run([str(BIN / "ray"), "job", "stop", sid], env=cluster.env, check=True, capture_output=True)
+    assert cluster.wait(sid, timeout=120).is_terminal()
+
+    sid = cluster.submit("node-loss", *TINY, "optim.max_steps=60", nodes=1)
+    assert cluster.wait(sid) == JobStatus.SUCCEEDED, cluster.logs(sid)[-3000:]
+    assert resumed_step(cluster.logs(sid)) == 40, cluster.logs(sid)[-3000:]
+    run = cluster.storage / "node-loss"
+    assert json.loads((run / "checkpoints/step_00000060/meta.json").read_text())["step"] == 60
+    assert not list(run.glob("step_*"))  # the trainer's step directories are the only store
+    assert (run / "ray_refs/step_00000060/checkpoint.json").is_file()

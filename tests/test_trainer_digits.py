@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_trainer_harness import digits_shards
+from trainer_fixtures import digits_shards
 
 from trainer.evaluate import main as evaluate_main
 from trainer.export import main as export_main

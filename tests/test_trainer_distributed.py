@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_harness import digits_shards, spawn, tiny_config
+from trainer_fixtures import digits_shards, spawn, tiny_config
 
 from trainer.checkpoint import complete_checkpoints, read_meta
 from trainer.export import consolidated_state_dict
@@ -58,7 +58,8 @@ def _syncbn_errors(rank: int) -> dict[str, float]:
 
 
 def _two_rank_worker(rank: int, data: Path, out: Path) -> None:
-    from trainer.train import init_distributed, train
+    from trainer.distributed import init_distributed
+    from trainer.train import train
 
     init_distributed("gloo")  # train() would do it; the SyncBN check below runs first
     results: dict = {"syncbn": _syncbn_errors(rank)}

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_trainer_harness import digits_shards, free_port, spawn, tiny_config
+from trainer_fixtures import digits_shards, free_port, spawn, tiny_config
 
 from trainer.mlflow_logger import metric_key
 

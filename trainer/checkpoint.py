@@ -6,21 +6,29 @@ Layout under `<run_dir>/checkpoints/`:
         mp_rank_00_model_states.pt  DeepSpeed: fp32 weights, lr scheduler, (ZeRO 0) optimizer
         *_optim_states.pt           DeepSpeed ZeRO >= 1: one optimizer shard per rank
         trainer_rank00000.pt ...    ours, per rank: RNG states, data-loader position
-        meta.json                   ours, global: step, epoch, metrics, world size, config, MLflow run id
+        meta.json                   ours, global: `CheckpointMeta` (progress, MLflow run id, world size,
+                                    precision, metrics, config)
     latest                          name of the newest step directory (DeepSpeed's pointer format)
 
 A checkpoint is written into `.tmp-step_XXXXXXXX/` and renamed to `step_XXXXXXXX/` only once every
 rank has finished writing; the `latest` pointer is replaced last. A crash at any point therefore
 leaves the previous checkpoint complete and discoverable; stale `.tmp-*` directories are ignored and
 removed by the next save.
+
+`CheckpointManager` is the one place that knows what a checkpoint holds: it saves and restores the
+engine (model, optimizer, scheduler), every rank's RNG streams and data-loader position, and the
+progress counters with the MLflow run id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +36,59 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_set_full_optimizer_state
 
+from trainer.distributed import rank_seed, rng_state, seed_all, set_rng_state
+from trainer.set_aside import set_aside
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 LATEST = "latest"
+FORMAT = 1
+"""meta.json's layout version; raise it when a key changes meaning, and keep reading the older ones."""
+
+
+@dataclass
+class Progress:
+    """What the loop needs to continue exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    best_top1: float | None = None
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class CheckpointMeta:
+    """meta.json: one per checkpoint, written by rank 0 once every rank's shard is on disk. Stored flat
+    (format 1), so export tools and older code read it as a plain dict."""
+
+    progress: Progress
+    world_size: int
+    zero_stage: int
+    precision: str
+    grad_accumulation: int
+    config: dict[str, Any]
+    best_metric_here: float | None = None
+    """The validation top-1 measured at this step, if any: what `keep_best` ranks checkpoints by."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    saved_at: float = field(default_factory=time.time)
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        flat = dataclasses.asdict(self)
+        return {"format": flat.pop("format"), **flat.pop("progress"), **flat}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointMeta:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"checkpoint format {d.get('format')!r}; this code reads format {FORMAT}")
+        names = {f.name for f in dataclasses.fields(Progress)}
+        return cls(progress=Progress(**{k: d[k] for k in names}),
+                   **{k: v for k, v in d.items() if k not in names})
+
+    @classmethod
+    def read(cls, step_dir: str | Path) -> CheckpointMeta:
+        return cls.from_dict(read_meta(step_dir))
 
 
 def step_dir_name(step: int) -> str:
@@ -79,6 +137,45 @@ def _fsync_tree(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class CheckpointManager:
+    """Step directories under `root`: save, find the newest complete one, restore from it."""
+
+    def __init__(self, root: Path, keep_last: int, keep_best: bool, zero_stage: int):
+        self.root, self.keep_last, self.keep_best, self.zero_stage = root, keep_last, keep_best, zero_stage
+
+    def newest(self) -> Path | None:
+        return find_resume_checkpoint(self.root)
+
+    def set_aside(self) -> None:
+        """Collective. Starting over must not interleave step directories with an earlier run's: a later
+        automatic resume would pick whichever is newest. The old ones are kept aside, not deleted."""
+        if dist.get_rank() == 0 and complete_checkpoints(self.root):
+            set_aside(self.root)
+        dist.barrier()
+
+    def save(self, engine, loader, meta: CheckpointMeta) -> Path:
+        """Collective: every rank calls it. Returns the final step directory."""
+        return save_checkpoint(engine, self.root, meta.progress.step, meta.to_dict(),
+                               {"rng": rng_state(), "loader": loader.state_dict()}, self.keep_last,
+                               self.keep_best)
+
+    def restore(self, engine, loader, step_dir: Path, seed: int, accum: int) -> CheckpointMeta:
+        """Collective. Engine, RNG streams and loader position as they were at `step_dir`'s step."""
+        meta, rank_state = load_checkpoint(engine, step_dir, self.zero_stage)
+        meta = CheckpointMeta.from_dict(meta)
+        progress = meta.progress
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+            loader.load_state_dict(rank_state["loader"])
+        else:
+            # Another world size: each global batch is the next global-batch samples of the epoch's order
+            # whatever the world size, so the same position lies `epoch_step` optimizer steps into the
+            # epoch. The per-rank RNG streams cannot be continued and restart from a fresh seed.
+            seed_all(rank_seed(seed, dist.get_rank(), progress.step))
+            loader.seek(progress.epoch, progress.epoch_step * accum)
+        return meta
 
 
 def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], rank_state: dict[str, Any],

@@ -17,10 +17,11 @@ def grad_accumulation(global_batch: int, micro_batch: int, world_size: int) -> i
                          "must be > 0")
     if global_batch % per_step:
         divisors = [b for b in range(1, global_batch + 1) if global_batch % (b * world_size) == 0]
+        fix = (f"pick a per-rank data.batch_size from {divisors[-6:]} (or change the number of ranks)"
+               if divisors else "no per-rank data.batch_size fits it; change the number of ranks")
         raise ValueError(
             f"optim.global_batch={global_batch} is not divisible by data.batch_size={micro_batch} x "
-            f"world size {world_size} = {per_step}. The global batch is fixed by the recipe; pick a "
-            f"per-rank data.batch_size from {divisors[-6:]} (or change the number of ranks).")
+            f"world size {world_size} = {per_step}. The global batch is fixed by the recipe; {fix}.")
     return global_batch // per_step
 
 

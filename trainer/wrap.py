@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed import _functional_collectives as funcol
 from torch.utils.checkpoint import checkpoint
 
+from models.protocol import SpikingNetwork
 from trainer.config import OptimConfig, TrainConfig
 
 
@@ -117,7 +118,7 @@ def _checkpoint_segment(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tenso
     return checkpoint(run, x, use_reentrant=False)
 
 
-def _forward_with_checkpoints(model: nn.Module, x: torch.Tensor, plan: tuple) -> torch.Tensor:
+def _forward_with_checkpoints(model: SpikingNetwork, x: torch.Tensor, plan: tuple) -> torch.Tensor:
     h = model.stem_forward(x)
     recompute = model.training and torch.is_grad_enabled()
     for start, stop, checkpointed in plan:
@@ -130,7 +131,7 @@ def _forward_with_checkpoints(model: nn.Module, x: torch.Tensor, plan: tuple) ->
     return model.head_forward(h)
 
 
-def apply_activation_checkpointing(model: nn.Module, every: int, segment: int = 1) -> int:
+def apply_activation_checkpointing(model: SpikingNetwork, every: int, segment: int = 1) -> int:
     """Checkpoint residual blocks over their whole time sequence; returns how many blocks are covered.
 
     `model.blocks` is cut into segments of `segment` consecutive blocks, and every `every`-th segment

@@ -1,4 +1,4 @@
-"""Shared helpers of the trainer tests (no tests here): real digits shards and real multi-rank spawning.
+"""Shared helpers of the trainer tests: real digits shards and real multi-rank spawning.
 
 Ranks are spawned with torch.multiprocessing ('spawn'), talk over gloo on 127.0.0.1 and each run one
 thread, like `OMP_NUM_THREADS=1 torchrun --nproc_per_node N`.
@@ -17,8 +17,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from trainer.config import TrainConfig, apply_overrides  # noqa: E402
+from trainer.distributed import free_port  # noqa: E402
 from trainer.recipes import get_recipe  # noqa: E402
-from trainer.train import free_port  # noqa: E402
 
 
 def digits_shards(tmp_path_factory) -> Path:

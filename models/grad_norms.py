@@ -22,14 +22,16 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from models.protocol import SpikingNetwork
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The SpikingResNet inside DDP / DeepSpeed engines / torch.compile wrappers."""
+
+def unwrap(model: nn.Module) -> SpikingNetwork:
+    """The spiking network inside DDP / DeepSpeed engines / torch.compile wrappers."""
     inner = model
-    while not hasattr(inner, "blocks"):
+    while not isinstance(inner, SpikingNetwork):
         nxt = next((getattr(inner, a) for a in ("module", "_orig_mod") if hasattr(inner, a)), None)
         if not isinstance(nxt, nn.Module):
-            raise TypeError(f"{type(model).__name__} has no residual `blocks` (expected a SpikingResNet, "
+            raise TypeError(f"{type(model).__name__} is no SpikingNetwork (expected a SpikingResNet, "
                             "possibly wrapped in DDP / DeepSpeed / torch.compile)")
         inner = nxt
     return inner

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.gradlog import BlockGradNorms
 from analysis.loading import real_batches
 from models import create_model
+from models.grad_norms import BlockGradNorms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,5 +84,5 @@ def test_errors():
         F.cross_entropy(model(x), y).backward()
     with pytest.raises(ValueError, match="loss_scale"):
         grad_norms.metrics(loss_scale=0)
-    with pytest.raises(TypeError, match="no residual `blocks`"):
+    with pytest.raises(TypeError, match="is no SpikingNetwork"):
         BlockGradNorms(_Wrapper(nn.Linear(2, 2)))

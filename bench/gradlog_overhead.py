@@ -1,6 +1,6 @@
 """Cost of `BlockGradNorms` on a training step (forward, backward, SGD step), measured on real batches.
 
-    python -m analysis.gradlog_overhead --model ms_resnet110 --T 4 --batch 32 --size 32 [--device cuda]
+    python -m bench.gradlog_overhead --model ms_resnet110 --T 4 --batch 32 --size 32 [--device cuda]
 
 Plain and logged steps alternate so that drifting machine load hits both alike; the median of each is
 compared. A logged step also reads the metrics (one device sync), i.e. the worst case of logging at
@@ -16,9 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from analysis.gradlog import BlockGradNorms
 from analysis.loading import real_batches
 from models import create_model
+from models.grad_norms import BlockGradNorms
 
 
 def _sync(device: torch.device) -> None:
@@ -27,7 +27,7 @@ def _sync(device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> float:
-    p = argparse.ArgumentParser(prog="python -m analysis.gradlog_overhead",
+    p = argparse.ArgumentParser(prog="python -m bench.gradlog_overhead",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ms_resnet56")
     p.add_argument("--T", type=int, default=4)

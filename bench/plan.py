@@ -1,7 +1,7 @@
 """How many images fit on one GPU for each activation-checkpointing setting, from measured memory.
 
-    python -m trainer.plan --model ms_resnet104 --T 6 --res 224 --gpu-mem 80
-    python -m trainer.plan --model ms_resnet482 --T 6 --res 32 --gpu-mem 80 --calib-res 16 --validate
+    python -m bench.plan --model ms_resnet104 --T 6 --res 224 --gpu-mem 80
+    python -m bench.plan --model ms_resnet482 --T 6 --res 32 --gpu-mem 80 --calib-res 16 --validate
 
 Settings (`--settings`): `none`; `k` = checkpoint every k-th residual block; `kxs` = every k-th segment
 of s consecutive blocks (engine.activation_checkpointing=k, engine.checkpoint_segment=s).

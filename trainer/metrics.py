@@ -1,0 +1,37 @@
+"""Training-side measurements between two log lines."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+import torch.distributed as dist
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class TrainWindow:
+    """Training loss / accuracy / time accumulated between two log lines, summed over ranks. Sums stay
+    on the device so that a step never waits for the GPU just to be logged."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        valid = y >= 0
+        n = valid.sum()
+        self.sums += torch.stack([loss.double() * n, ((logits.argmax(1) == y) & valid).sum(), n]).double()
+
+    def metrics(self, global_batch: int) -> dict[str, float]:
+        sums = self.sums.clone()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        loss, correct, n = sums.tolist()
+        step_s = self.seconds / max(self.steps, 1)
+        return {"train/loss": loss / n, "train/top1": correct / n, "perf/step_s": step_s,
+                "perf/images_per_s": global_batch / step_s if step_s else 0.0}

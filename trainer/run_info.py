@@ -1,0 +1,30 @@
+"""What a run records about itself besides metrics: its code version and its headline parameters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig, to_dict
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flat_params(cfg: TrainConfig, world: int, accum: int) -> dict[str, Any]:
+    """~50 headline hyper-parameters as flat MLflow params; the full config goes in as an artifact."""
+    flat: dict[str, Any] = {}
+    for section in ("model", "data", "optim", "engine"):
+        for k, v in to_dict(getattr(cfg, section)).items():
+            flat[f"{section}.{k}"] = json.dumps(v) if isinstance(v, dict | list) else v
+    flat.update({"recipe": cfg.recipe, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                 "derived.grad_accumulation": accum, "derived.world_size_at_start": world})
+    return flat

@@ -1,0 +1,249 @@
+"""`Trainer`: one rank's training run, read top to bottom in `fit`.
+
+    trainer = Trainer(cfg)   # process group, data, model, engine; resumes from the newest checkpoint
+    result = trainer.fit()   # train, evaluate at epoch ends, checkpoint, export; returns the summary
+
+Construction does the whole setup, including the restore; `restore(step_dir)` may also be called later to
+roll the run back to a checkpoint. Every rank runs the same calls in the same order (they are collective).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataloaders import build_loader
+from models import create_model
+from models.grad_norms import BlockGradNorms
+from trainer.checkpoint import CheckpointManager, CheckpointMeta, Progress, step_dir_name
+from trainer.config import TrainConfig, save_config, to_dict
+from trainer.deepspeed_config import deepspeed_config
+from trainer.distributed import init_distributed, rank_seed, seed_all
+from trainer.evaluate import evaluate
+from trainer.export import export
+from trainer.metrics import TrainWindow, peak_memory_gib
+from trainer.precision import autocast, model_input
+from trainer.run_info import flat_params, git_commit
+from trainer.wrap import wrap
+
+Report = Callable[[dict[str, float], str], None]
+"""Called after every checkpoint with the metrics and the step directory (the Ray launcher's hook)."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, report: Report | None = None):
+        self.cfg, self.report = cfg, report
+        self.rank, self.world, self.device = init_distributed(cfg.engine.backend)
+        self.run_dir = cfg.resolved_run_dir()
+        ck = cfg.checkpoint
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last, ck.keep_best,
+                                             cfg.engine.zero_stage)
+        self.resumed_from = self._resume_point()
+        if self.resumed_from is None and not ck.auto_resume:
+            self.checkpoints.set_aside()
+        self.ds_config = deepspeed_config(cfg, self.world, self.device.type == "cuda")
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+
+        seed_all(cfg.engine.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T, **cfg.model.kwargs)
+        self.train_loader = build_loader(cfg.data, "train", self.rank, self.world)
+        self.val_loader = build_loader(cfg.data, "val", self.rank, self.world)
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"one epoch has {len(self.train_loader)} micro-batches per rank, fewer than the "
+                             f"{self.accum} one optimizer step needs; lower optim.global_batch or use more data")
+        self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
+        self.end = min(self.total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else self.total_steps
+        self.engine = wrap(model, cfg, self.ds_config, self.total_steps, self.steps_per_epoch,
+                           self.device.type == "cuda")
+        seed_all(rank_seed(cfg.engine.seed, self.rank))  # a distinct stream per rank; checkpointed per rank
+
+        self.progress = Progress()
+        self.saved_step = -1
+        if self.resumed_from is not None:
+            self.restore(self.resumed_from)
+        self.last_train: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+        self.evaluated_at = -1
+        self.window = TrainWindow(self.device)
+        # Hooks only inside `with`, on the last micro-batch of logging steps.
+        self.grad_norms = BlockGradNorms(self.engine)
+        self.logger = self._start_record() if self.rank == 0 else None
+
+    def fit(self) -> dict[str, Any]:
+        cfg, p = self.cfg, self.progress
+        bar = tqdm(total=self.total_steps, initial=p.step, disable=None if self.rank == 0 else True,
+                   desc="train", dynamic_ncols=True)
+        self.engine.train()
+        while p.step < self.end:
+            for micro_batches in self._steps_left_in_epoch():
+                self.train_step(micro_batches)
+                bar.update(1)
+                if p.step % cfg.log_every == 0 or p.step == self.end:
+                    self.log_train()
+                mid_epoch = p.epoch_step < self.steps_per_epoch and p.step < self.end
+                if mid_epoch and cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                    self.save()
+            if p.epoch_step == self.steps_per_epoch:
+                self._next_epoch()
+        bar.close()
+        if p.step == self.total_steps and self.evaluated_at != p.step:
+            self.save(self.evaluate())
+        elif self.saved_step != p.step:
+            self.save()
+        return self.close()
+
+    def _steps_left_in_epoch(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """The micro-batches of each remaining optimizer step of this epoch, drawn lazily so the loader's
+        position is exact at every checkpoint. Micro-batches left over at the epoch's end (fewer than one
+        step) are skipped."""
+        batches = iter(self.train_loader)  # starts mid-epoch after a resume
+        while self.progress.epoch_step < self.steps_per_epoch and self.progress.step < self.end:
+            yield itertools.islice(batches, self.accum)
+
+    def train_step(self, micro_batches) -> None:
+        """One optimizer step over `accum` micro-batches; DeepSpeed applies the optimizer on the last."""
+        cfg, p = self.cfg, self.progress
+        t0 = time.perf_counter()
+        logging = (p.step + 1) % cfg.log_every == 0 or p.step + 1 == self.end
+        done = 0
+        for x, y in micro_batches:
+            x, y = model_input(x, self.device, cfg.engine.precision), y.to(self.device, non_blocking=True)
+            with self.grad_norms if logging and done == self.accum - 1 else nullcontext():
+                with autocast(self.device, cfg.engine.precision):
+                    logits = self.engine(x)
+                # Label -1 marks a sample the loader could not decode (logged and counted there).
+                loss = (F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing,
+                                        ignore_index=-1) if (y >= 0).any() else logits.float().sum() * 0.0)
+                self.engine.backward(loss)
+            self.engine.step()
+            self.window.add(loss.detach(), logits.detach(), y)
+            done += 1
+        if done < self.accum:
+            raise RuntimeError(f"the training loader ended after {p.epoch_step} of {self.steps_per_epoch} "
+                               f"steps of epoch {p.epoch}; its len() promised more batches")
+        p.step += 1
+        p.epoch_step += 1
+        self.window.steps += 1
+        self.window.seconds += time.perf_counter() - t0
+
+    def _next_epoch(self) -> None:
+        p = self.progress
+        p.epoch += 1
+        p.epoch_step = 0
+        self.train_loader.set_epoch(p.epoch)
+        evaluated = p.epoch % self.cfg.eval_every_epochs == 0 or p.step == self.total_steps
+        self.save(self.evaluate() if evaluated else None)
+
+    def log_train(self) -> None:
+        cfg, p, engine = self.cfg, self.progress, self.engine
+        m = {**self.window.metrics(cfg.optim.global_batch), "optim/lr": engine.get_lr()[0],
+             "memory/peak_gib": peak_memory_gib(self.device), "progress/epoch": p.epoch,
+             "progress/images_seen": p.step * cfg.optim.global_batch}
+        # DeepSpeed divides each micro-batch loss by `accum` (and multiplies by the fp16 loss scale).
+        grad_scale = 1.0 / self.accum
+        if cfg.engine.precision == "fp16":
+            m["amp/skipped_steps"] = engine.skipped_steps
+            m["amp/loss_scale"] = getattr(engine.optimizer, "cur_scale", float("nan"))
+            grad_scale *= getattr(engine.optimizer, "cur_scale", 1.0)
+        m.update(self.grad_norms.metrics(loss_scale=grad_scale))
+        m.update(self.train_loader.metrics())
+        self.last_train, self.window = m, TrainWindow(self.device)
+        self._log(m)
+        if self.rank == 0:
+            tqdm.write("log " + json.dumps({"step": p.step, **{k: round(v, 5) for k, v in m.items()}}))
+
+    def evaluate(self) -> float:
+        """Collective: the full validation set; returns its top-1."""
+        p = self.progress
+        self.evaluated_at = p.step
+        self.last_val = evaluate(self.engine.module, self.val_loader, self.device, self.cfg.engine.precision)
+        p.best_top1 = max(p.best_top1 or 0.0, self.last_val["val/top1"])
+        self._log({**self.last_val, "val/best_top1": p.best_top1})
+        if self.rank == 0:
+            tqdm.write("eval " + json.dumps({"step": p.step, "epoch": p.epoch,
+                                             **{k: round(v, 5) for k, v in self.last_val.items()}}))
+        return self.last_val["val/top1"]
+
+    def save(self, val_here: float | None = None) -> Path:
+        """Collective: a checkpoint of this step (`val_here`: its validation top-1, if measured)."""
+        cfg, p = self.cfg, self.progress
+        p.mlflow_run_id = self.logger.run_id if self.logger else p.mlflow_run_id
+        meta = CheckpointMeta(p, world_size=self.world, zero_stage=cfg.engine.zero_stage,
+                              precision=cfg.engine.precision, grad_accumulation=self.accum, config=to_dict(cfg),
+                              best_metric_here=val_here, metrics={**self.last_train, **self.last_val})
+        step_dir = self.checkpoints.save(self.engine, self.train_loader, meta)
+        self.saved_step = p.step
+        if self.report is not None:
+            self.report({"step": p.step, "epoch": p.epoch, **self.last_train, **self.last_val}, str(step_dir))
+        return step_dir
+
+    def restore(self, step_dir: Path) -> None:
+        """Collective: continue from `step_dir` as if the run had just written it."""
+        meta = self.checkpoints.restore(self.engine, self.train_loader, Path(step_dir), self.cfg.engine.seed,
+                                        self.accum)
+        vars(self.progress).update(vars(meta.progress))  # in place: `fit` holds on to it
+        self.saved_step = self.progress.step
+
+    def close(self) -> dict[str, Any]:
+        """Collective: export the model of a finished run, end the MLflow run; returns the summary."""
+        p = self.progress
+        final = self.checkpoints.root / step_dir_name(self.saved_step)
+        result = {"step": p.step, "epoch": p.epoch, "checkpoint": str(final), "run_dir": str(self.run_dir),
+                  "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                  "best_top1": p.best_top1, **self.last_train, **self.last_val}
+        if self.logger:
+            if p.step >= self.total_steps and self.cfg.mlflow.log_model:
+                self.logger.log_artifact(export(final, self.run_dir / "model.pt"), "model")
+            self.logger.close()
+            result["mlflow_run_id"] = self.logger.run_id
+        dist.barrier()
+        return result
+
+    def _resume_point(self) -> Path | None:
+        if self.cfg.checkpoint.resume:
+            path = Path(self.cfg.checkpoint.resume)
+            if not (path / "meta.json").is_file():
+                raise FileNotFoundError(f"checkpoint.resume={path} is not a complete checkpoint (no meta.json)")
+            return path
+        return self.checkpoints.newest() if self.cfg.checkpoint.auto_resume else None
+
+    def _start_record(self):
+        """Rank 0: the run directory's config files, the MLflow run (continued after a resume), one line."""
+        cfg, run_dir = self.cfg, self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        logger = None
+        if cfg.mlflow.enabled:
+            from trainer.mlflow_logger import MlflowLogger  # mlflow loads only when logging is on
+
+            logger = MlflowLogger(cfg.mlflow, cfg.mlflow.experiment or cfg.recipe or cfg.model.name,
+                                  cfg.resolved_run_name(), self.progress.mlflow_run_id,
+                                  run_dir / "mlflow_unsent.json")
+            logger.log_params(flat_params(cfg, self.world, self.accum))
+            logger.set_tags({"git_commit": git_commit(), "world_size": self.world, "device": self.device.type,
+                             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "recipe": cfg.recipe,
+                             "resumed_from": str(self.resumed_from) if self.resumed_from else ""})
+            logger.log_artifact(run_dir / "config.yaml")
+            logger.log_artifact(run_dir / "ds_config.json")
+        print(f"[trainer] {cfg.resolved_run_name()}: world {self.world} x micro {cfg.data.batch_size} x accum "
+              f"{self.accum} = {cfg.optim.global_batch}; {self.steps_per_epoch} steps/epoch, {self.total_steps} "
+              "steps; " + (f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"),
+              flush=True)
+        return logger
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.logger:
+            self.logger.log_metrics(metrics, self.progress.step)
