@@ -38,7 +38,7 @@ def run_row(recipe: str, precision: str, every: int, batch: int, steps: int) -> 
     from models import create_model
     from trainer.config import apply_overrides
     from trainer.deepspeed_config import deepspeed_config
-    from trainer.evaluate import autocast, model_input
+    from trainer.precision import autocast, model_input
     from trainer.recipes import get_recipe
     from trainer.wrap import wrap
 
