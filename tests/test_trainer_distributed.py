@@ -156,7 +156,11 @@ def test_loss_goes_down(runs, precision, zero):
     run = runs[f"{'full' if precision == 'fp32' else 'bf16'}_z{zero}"]
     losses = {h["step"]: h["train/loss"] for h in run["history"]}  # one step's loss over 128 images
     assert list(losses) == [3, 6, 9, 10, 12]
-    assert losses[12] < losses[3] - 0.08, losses
+    # Every logged loss below the one before; over 9 steps fp32 falls by ~0.14 and bf16 by ~0.08 (measured:
+    # 0.081 / 0.076 at ZeRO 0 / 2 on this CPU, where a fixed 0.08 margin failed on main already).
+    values = list(losses.values())
+    assert all(b < a for a, b in zip(values, values[1:])), losses
+    assert losses[12] < losses[3] - (0.12 if precision == "fp32" else 0.06), losses
 
 
 def test_bf16_tracks_fp32(runs):
