@@ -6,6 +6,11 @@ once, keeps everything queued and retries every few seconds, so nothing is lost 
 back. If it is still unreachable when training ends (after `flush_timeout_s`), the unsent items are
 written to `<run_dir>/mlflow_unsent.json` and sent first by the next invocation (e.g. the resume).
 
+Experiments deepspike creates are tagged as model-training experiments (`mlflow.experimentKind`), so the
+MLflow UI opens them on the runs table and charts rather than the GenAI overview; `ui_links` gives the
+addresses to print. The final and best models are logged as MLflow logged models (`trainer.logged_model`)
+from the same queue, after the metrics of their step.
+
 A resumed run reopens the MLflow run whose id was stored in the checkpoint. MLflow params are write-once,
 so a resumed run logs only params that are new; a changed value is recorded in the tag
 `resume.changed_params` instead of failing the run.
@@ -33,6 +38,19 @@ from trainer.config import MlflowConfig
 log = logging.getLogger(__name__)
 _ILLEGAL = re.compile(r"[^0-9A-Za-z_\-./ ]")
 _RETRY_S = 3.0
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> dict[str, str]:
+    """Addresses in the MLflow UI's model-training view: the runs table, the charts comparing the runs,
+    and (with run_id) the run itself. A database store has no UI of its own: the links then assume
+    `mlflow ui --backend-store-uri <uri>` on its default address."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    links = {"runs": runs, "charts": runs + "&compareRunsMode=CHART"}
+    if run_id:
+        links["run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return links
 
 
 def metric_key(key: str) -> str:
@@ -50,6 +68,7 @@ class MlflowLogger:
         self._client = MlflowClient(self.uri)
         self._ops: deque[list] = deque()
         self._run_id = run_id
+        self.experiment_id: str | None = None
         if spill.is_file():
             leftover = json.loads(spill.read_text())
             self._run_id = self._run_id or leftover["run_id"]
@@ -86,6 +105,16 @@ class MlflowLogger:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._push(["artifact", str(path), artifact_path])
+
+    def log_model(self, name: str, model_file: Path, example_file: Path, config_file: Path) -> None:
+        """A `trainer.export` file as an MLflow logged model, linked to its step's metrics."""
+        self._push(["model", name, str(model_file), str(example_file), str(config_file)])
+
+    def links(self) -> dict[str, str] | None:
+        """`ui_links` of this run, once the background thread has created or reopened it."""
+        if self.experiment_id is None:
+            return None
+        return ui_links(self.uri, self.experiment_id, self._run_id)
 
     def close(self, status: str = "FINISHED") -> bool:
         """Flush (waiting up to flush_timeout_s) and end the run. Returns False if items were spilled."""
@@ -127,7 +156,10 @@ class MlflowLogger:
     def _ensure_run(self) -> None:
         if self._run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment,
+                                                                                  tags=EXPERIMENT_KIND)
+            if exp and "mlflow.experimentKind" not in exp.tags:  # made by an older deepspike or by hand
+                self._client.set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
             self._run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
         if self._existing_params is None:
             try:
@@ -140,6 +172,7 @@ class MlflowLogger:
                 self._run_id, self._reopened = None, False
                 return self._ensure_run()
             self._existing_params = dict(run.data.params)
+            self.experiment_id = run.info.experiment_id
             if run.info.status != "RUNNING":
                 self._client.update_run(self._run_id, status="RUNNING")
         if self.cfg.system_metrics and self._monitor is None:
@@ -187,6 +220,13 @@ class MlflowLogger:
                 c.log_artifact(rid, path, artifact_path)
             else:
                 log.warning("MLflow artifact %s vanished before it could be uploaded; skipped", path)
+        elif kind == "model":
+            from trainer.logged_model import log_exported_model  # torch + mlflow.pytorch, only at the end
+
+            _, name, model_file, example_file, config_file = batch[0]
+            mlflow.set_tracking_uri(self.uri)  # log_model talks to the global client
+            model_id = log_exported_model(rid, name, model_file, example_file, config_file)
+            log.info("MLflow logged model %r: models:/%s", name, model_id)
         elif kind == "terminate":
             if self._monitor is not None:
                 self._monitor.finish()

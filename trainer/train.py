@@ -13,6 +13,7 @@ in an existing process group or creates one from the torchrun environment (RANK,
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import random
@@ -37,11 +38,18 @@ from tqdm import tqdm
 from analysis.gradlog import BlockGradNorms
 from dataloaders import build_loader
 from models import create_model
-from trainer.checkpoint import complete_checkpoints, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    best_checkpoint,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.config import TrainConfig, apply_overrides, load_config, save_config, to_dict
 from trainer.deepspeed_config import deepspeed_config
 from trainer.evaluate import autocast, evaluate, model_input
 from trainer.export import export
+from trainer.progress import MetricsFile, eval_line, step_line
 from trainer.recipes import get_recipe
 from trainer.wrap import wrap
 
@@ -124,6 +132,14 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _source_tags(resume: Path | None) -> dict[str, str]:
+    """MLflow's own tags for where a run came from (the UI shows them in the runs table)."""
+    entry = os.environ.get("DEEPSPIKE_ENTRY_POINT") or " ".join(["python -m trainer.train", *sys.argv[1:]])
+    return {"mlflow.source.git.commit": _git_commit(), "mlflow.source.name": entry[:500],
+            "mlflow.source.type": "JOB", "mlflow.user": getpass.getuser(),
+            "resumed_from": str(resume) if resume else ""}
 
 
 def _flat_params(cfg: TrainConfig, world: int, accum: int) -> dict[str, Any]:
@@ -217,9 +233,8 @@ def train(cfg: TrainConfig, report: Report | None = None) -> dict[str, Any]:
             logger = MlflowLogger(cfg.mlflow, cfg.mlflow.experiment or cfg.recipe or cfg.model.name,
                                   cfg.resolved_run_name(), prog.mlflow_run_id, run_dir / "mlflow_unsent.json")
             logger.log_params(_flat_params(cfg, world, accum))
-            logger.set_tags({"git_commit": _git_commit(), "world_size": world, "device": device.type,
-                             "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                             "recipe": cfg.recipe, "resumed_from": str(resume) if resume else ""})
+            logger.set_tags({**_source_tags(resume), "world_size": world, "device": device.type,
+                             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "recipe": cfg.recipe})
             logger.log_artifact(run_dir / "config.yaml")
             logger.log_artifact(run_dir / "ds_config.json")
         print(f"[trainer] {cfg.resolved_run_name()}: world {world} x micro {cfg.data.batch_size} x accum "
@@ -248,9 +263,13 @@ def train(cfg: TrainConfig, report: Report | None = None) -> dict[str, Any]:
             report({"step": prog.step, "epoch": prog.epoch, **last_train, **last_val}, str(step_dir))
         return step_dir
 
+    metrics_file = MetricsFile(run_dir / "metrics.jsonl") if rank == 0 else None
+
     def log(metrics: dict[str, float]) -> None:
         if logger:
             logger.log_metrics(metrics, prog.step)
+        if metrics_file:
+            metrics_file.write(prog.step, metrics)
 
     def run_eval() -> float:
         nonlocal last_val, evaluated_at
@@ -259,8 +278,7 @@ def train(cfg: TrainConfig, report: Report | None = None) -> dict[str, Any]:
         prog.best_top1 = max(prog.best_top1 or 0.0, last_val["val/top1"])
         log({**last_val, "val/best_top1": prog.best_top1})
         if rank == 0:
-            bar.write("eval " + json.dumps({"step": prog.step, "epoch": prog.epoch,
-                                            **{k: round(v, 5) for k, v in last_val.items()}}))
+            bar.write(eval_line(prog.step, total_steps, steps_per_epoch, last_val, prog.best_top1))
         return last_val["val/top1"]
 
     bar = tqdm(total=total_steps, initial=prog.step, disable=None if rank == 0 else True, desc="train",
@@ -309,8 +327,8 @@ def train(cfg: TrainConfig, report: Report | None = None) -> dict[str, Any]:
                 window = _Window(device)
                 log(last_train)
                 if rank == 0:
-                    bar.write("log " + json.dumps({"step": prog.step,
-                                                   **{k: round(v, 5) for k, v in last_train.items()}}))
+                    eta = (end - prog.step) * last_train["perf/step_s"]
+                    bar.write(step_line(prog.step, total_steps, steps_per_epoch, last_train, eta))
             if prog.epoch_step == steps_per_epoch or prog.step == end:
                 break  # micro-batches left over at the end of an epoch (fewer than one step) are skipped
             if cfg.checkpoint.every_steps and prog.step % cfg.checkpoint.every_steps == 0:
@@ -337,13 +355,26 @@ def train(cfg: TrainConfig, report: Report | None = None) -> dict[str, Any]:
               **last_val}
     if rank == 0:
         if prog.step >= total_steps and logger and cfg.mlflow.log_model:
-            model_path = export(final, run_dir / "model.pt")
-            logger.log_artifact(model_path, "model")
+            _log_models(logger, run_dir, root, final, val_loader)
         if logger:
             logger.close()
             result["mlflow_run_id"] = logger.run_id
+            if links := logger.links():
+                print(f"[trainer] MLflow run: {links['run']}\n[trainer] MLflow runs table: {links['runs']}",
+                      flush=True)
     dist.barrier()
     return result
+
+
+def _log_models(logger, run_dir: Path, root: Path, final: Path, val_loader) -> None:
+    """The final and the best checkpoint as MLflow logged models, with one validation image as the input
+    example; `model.pt` (the final weights) also stays in the run directory for `trainer.evaluate`."""
+    x, _ = next(iter(val_loader))
+    example = run_dir / "input_example.npy"
+    np.save(example, model_input(x[:1], torch.device("cpu"), "fp32").float().numpy())
+    best = best_checkpoint(root) or final
+    for name, step_dir, file in (("final", final, "model.pt"), ("best", best, "model_best.pt")):
+        logger.log_model(name, export(step_dir, run_dir / file), example, run_dir / "config.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
