@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deepspike-installed
-APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev postgresql
+# chromium (+ a font) renders the MLflow UI in the browser test and the docs screenshots.
+APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev postgresql chromium fonts-dejavu-core
 export DS_ACCELERATOR ?= cpu
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 

@@ -79,6 +79,7 @@ def main() -> None:
 
 
 def show_runs(uri: str, experiment: str) -> None:
+    """Every run of the experiment with its test accuracy and MLflow link, then the runs-table links."""
     import mlflow
 
     from trainer.mlflow_logger import ui_links
@@ -90,7 +91,8 @@ def show_runs(uri: str, experiment: str) -> None:
     for r in runs:
         top1 = r.data.metrics.get("val/top1")
         print(f"  {r.info.run_name:28s} {r.info.status:9s} test top-1 "
-              + (f"{100 * top1:5.1f} %" if top1 is not None else "  -"))
+              + (f"{100 * top1:5.1f} %" if top1 is not None else "  -  ")
+              + f"  {ui_links(uri, exp.experiment_id, r.info.run_id)['run']}")
     links = ui_links(uri, exp.experiment_id)
     print(f"MLflow UI, runs table: {links['runs']}\nMLflow UI, runs side by side: {links['charts']}")
 

@@ -4,8 +4,9 @@ the model registry and `mlflow.pytorch.load_model("models:/<id>")` can use them.
 Each logged model holds the plain single-device module in eval mode (fp32 weights, as `trainer.export`
 writes them), a signature and an input example taken from the validation data, the run's resolved
 `config.yaml` (extra file) and the model config as model params. It is linked to the run and to the
-step it came from, so MLflow attaches that step's metrics (`val/top1`, ...) to it. Unpickling it needs
-deepspike installed (`pip install` of this project): the module's classes live in `models`.
+step it came from, so MLflow attaches that step's metrics (`val/top1`, ...) to it. It is stored pickled,
+so loading it needs deepspike installed (`pip install` of this project: the classes live in `models`)
+and, like any pickle, runs code: load models only from a tracking server you trust.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def log_exported_model(run_id: str, name: str, model_file: str | Path, example_f
     info = mlflow.pytorch.log_model(
         model, name=name, run_id=run_id, step=int(blob["step"]), signature=infer_signature(example, logits),
         input_example=example, params=params, extra_files=[str(config_file)],
+        # The module itself, not a torch.export graph: pt2 would fix the batch size of the example and
+        # lose the classes that trainer.evaluate and the spike monitors hook into.
+        serialization_format="pickle",
         metadata={"deepspike": {"step": blob["step"], "epoch": blob["epoch"], "metrics": blob["metrics"]}},
         # Listed, not inferred: inference re-imports the model in a subprocess, which takes minutes here.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "deepspike"],

@@ -224,7 +224,9 @@ class MlflowLogger:
             from trainer.logged_model import log_exported_model  # torch + mlflow.pytorch, only at the end
 
             _, name, model_file, example_file, config_file = batch[0]
-            mlflow.set_tracking_uri(self.uri)  # log_model talks to the global client
+            # log_model talks to the global client and files the model under the active experiment
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(experiment_id=self.experiment_id)
             model_id = log_exported_model(rid, name, model_file, example_file, config_file)
             log.info("MLflow logged model %r: models:/%s", name, model_id)
         elif kind == "terminate":
