@@ -30,12 +30,12 @@ def _train_worker(rank: int, data: Path, run_dir: Path, uri: str) -> None:
                       f"mlflow.experiment={EXPERIMENT}", "optim.max_steps=24"))
 
 
-def _start_server(tmp: Path, port: int) -> subprocess.Popen:
+def _start_server(tmp: Path, port: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
          "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
+         "--workers", "1", *extra],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
