@@ -7,7 +7,8 @@ STAMP := $(VENV)/.deepspike-installed
 # The compiled CPU kernels of torch.ops.deepspike.lif, built into the venv (module deepspike_ops, loaded by
 # models/lif_op.py); this stamp says which source it was built from.
 LIF_OP := $(VENV)/.deepspike-ops-built
-APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev postgresql
+# chromium (+ a font) renders the MLflow UI in the browser test and the docs screenshots.
+APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev postgresql chromium fonts-dejavu-core
 export DS_ACCELERATOR ?= cpu
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 

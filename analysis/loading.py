@@ -22,7 +22,7 @@ def load_checkpoint_model(path: str | Path, T: int | None = None) -> tuple[str, 
                          "output, or {'model': name, 'model_kwargs': {...}, 'state_dict': ...}), "
                          f"got {keys}")
     if isinstance(blob["model"], dict):
-        from trainer.evaluate import load_exported
+        from trainer.export import load_exported
 
         name, (model, _) = blob["model"]["name"], load_exported(path)
     else:

@@ -148,6 +148,7 @@ def train_loop(loop_config: dict) -> None:
 
     cfg = from_dict(TrainConfig, loop_config["cfg"])
     register = loop_config["register_checkpoints"] and ray.train.get_context().get_world_rank() == 0
+    os.environ["DEEPSPIKE_ENTRY_POINT"] = loop_config["entry_point"]  # the run's mlflow.source.name
 
     def report(metrics: dict, ckpt_dir: str) -> None:
         # Every rank reports (it is a barrier); rank 0 alone registers the step directory all ranks wrote.
@@ -189,7 +190,8 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
           f"{args.storage}; data {cfg.data.path}; MLflow {cfg.mlflow.tracking_uri}", flush=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "register_checkpoints": not is_remote(args.storage)},
+        train_loop_config={"cfg": to_dict(cfg), "register_checkpoints": not is_remote(args.storage),
+                           "entry_point": " ".join(["python", *sys.argv])},
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
@@ -204,7 +206,28 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
     print(f"[launch] done: step {m.get('step')}, test top-1 {m.get('val/top1')}, checkpoint "
           f"{step_dir}; MLflow {cfg.mlflow.tracking_uri} "
           f"experiment {cfg.mlflow.experiment or cfg.recipe}, run {cfg.run_name}", flush=True)
+    if cfg.mlflow.enabled and (links := run_links(cfg.mlflow.tracking_uri, cfg.mlflow.experiment or cfg.recipe,
+                                                  cfg.run_name)):
+        print(f"[launch] MLflow run: {links['run']}\n[launch] MLflow runs side by side: {links['charts']}",
+              flush=True)
     return result
+
+
+def run_links(tracking_uri: str, experiment: str, run_name: str) -> dict[str, str] | None:
+    """`ui_links` of the newest run of that name, or None when the store cannot say (no link beats a wrong one)."""
+    import mlflow
+
+    from trainer.mlflow_logger import ui_links
+
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    except Exception as e:  # the job itself succeeded; an unreachable tracking server must not fail it
+        print(f"[launch] MLflow links unavailable ({type(e).__name__}: {str(e)[:200]})", flush=True)
+        return None
+    return ui_links(tracking_uri, exp.experiment_id, runs[0].info.run_id) if runs else None
 
 
 def main(default_recipe: str, datasets: tuple[str, ...], argv: list[str] | None = None) -> None:

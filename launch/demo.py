@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATA = ROOT / "data/digits16"
 # Lines worth showing from the job's log stream: ours, not Ray's bookkeeping.
-PROGRESS = re.compile(r"\[launch\]|\[trainer\]|\b(log|eval) \{|^error:|Error|Traceback")
+PROGRESS = re.compile(r"\[launch\]|\[trainer\]|^step \d+/\d+ |^eval step |^error:|Error|Traceback")
 
 
 def step(msg: str) -> None:
@@ -79,7 +79,10 @@ def main() -> None:
 
 
 def show_runs(uri: str, experiment: str) -> None:
+    """Every run of the experiment with its test accuracy and MLflow link, then the runs-table links."""
     import mlflow
+
+    from trainer.mlflow_logger import ui_links
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -88,8 +91,10 @@ def show_runs(uri: str, experiment: str) -> None:
     for r in runs:
         top1 = r.data.metrics.get("val/top1")
         print(f"  {r.info.run_name:28s} {r.info.status:9s} test top-1 "
-              + (f"{100 * top1:5.1f} %" if top1 is not None else "  -"))
-    print(f"MLflow UI (runs side by side): {uri}/#/experiments/{exp.experiment_id}")
+              + (f"{100 * top1:5.1f} %" if top1 is not None else "  -  ")
+              + f"  {ui_links(uri, exp.experiment_id, r.info.run_id)['run']}")
+    links = ui_links(uri, exp.experiment_id)
+    print(f"MLflow UI, runs table: {links['runs']}\nMLflow UI, runs side by side: {links['charts']}")
 
 
 if __name__ == "__main__":

@@ -77,8 +77,8 @@ def test_global_batch_not_divisible_fails_before_ray_starts(digits, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lrr=0.1", "override 'optim.lrr': unknown key 'lrr'"),
-    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("optim.lrr=0.1", "override 'optim.lrr': unknown key 'lrr'; did you mean 'optim.lr'?"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast' (e.g. --set optim.lr=1e-4)"),
     ("data.format=tfrecord", "data.format='tfrecord'; expected one of ('wds', 'ffcv')"),
 ])
 def test_bad_override(digits, override, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,7 +31,18 @@ def test_demo_recipe_learns_real_digits(tmp_path, tmp_path_factory, capsys):
     assert result["val/samples"] == 450  # every test image exactly once over the two ranks, no padding
     assert result["step"] == 6 * 42 and result["epoch"] == 6
     assert 0 < result["spikes/rate"] < 1 and result["energy/mj_per_image"] > 0
-    assert "eval " in proc.stdout and proc.stdout.count("[trainer]") == 1  # only rank 0 prints
+    assert proc.stdout.count("[trainer]") == 1  # only rank 0 prints
+    # One readable line per log step and per evaluation; the full metrics go to metrics.jsonl.
+    lines = proc.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 252 // 42 and steps[-1].startswith("step 252/252 (epoch 6/6) | loss ")
+    assert re.fullmatch(r"step 42/252 \(epoch 1/6\) \| loss \d+\.\d{3} \| top-1 \d+\.\d % \| \d+ img/s \| "
+                        r"ETA \d+:\d\d:\d\d", steps[0]), steps[0]
+    evals = [line for line in lines if line.startswith("eval step ")]
+    assert len(evals) == 6 and evals[-1].startswith("eval step 252/252 (epoch 6/6) | top-1 ")
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "train/loss" in m] == [*range(42, 253, 42)]
+    assert logged[-1]["val/top1"] == result["val/top1"] and "grad/norm_block_0" in logged[0]
 
     model = tmp_path / "model.pt"
     export_main([str(run_dir), "--out", str(model)])

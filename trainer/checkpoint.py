@@ -118,6 +118,12 @@ def find_resume_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def best_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest validation top-1 saved with it (the newest on a tie)."""
+    scored = [(m, d) for d in complete_checkpoints(root) if (m := read_meta(d).get("best_metric_here")) is not None]
+    return max(scored, key=lambda md: (md[0], md[1].name))[1] if scored else None
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -208,10 +214,8 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], rank_st
 def _prune(root: Path, keep_last: int, keep_best: bool) -> None:
     done = complete_checkpoints(root)
     keep = set(done[-max(keep_last, 1):])
-    if keep_best:
-        scored = [(m, d) for d in done if (m := read_meta(d).get("best_metric_here")) is not None]
-        if scored:
-            keep.add(max(scored, key=lambda md: (md[0], md[1].name))[1])
+    if keep_best and (best := best_checkpoint(root)) is not None:
+        keep.add(best)
     for d in done:
         if d not in keep:
             shutil.rmtree(d, ignore_errors=True)

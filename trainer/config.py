@@ -8,7 +8,9 @@ and logged to MLflow, so every run can be re-created from its own directory.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,8 +140,66 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NULL = ("null", "none", "~")
+_EXAMPLES = {int: "1000", float: "1e-4", bool: "true", str: "some-text", list: "[8, 16, 32]",
+             tuple: "[8, 16, 32]", dict: "{depth: 20}"}
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value as people type it: numbers in any notation (1e-4, 5E3, .5, -2), true/false,
+    null, [lists] and {dicts} (YAML flow syntax), anything else a string.
+
+    YAML alone reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`), so strings that look like numbers
+    are turned into numbers afterwards, inside lists and dicts too."""
+    text = raw.strip()
+    if not text:
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return _numbers(value)
+
+
+def _numbers(value: Any) -> Any:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and not re.search(r"[.eE]", value) else number
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    t = origin or hint
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list",
+            tuple: "a list", dict: "a mapping"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _example(hint: Any) -> str:
+    arms = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return _EXAMPLES.get(typing.get_origin(arms[0]) or arms[0], "...")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check a parsed value against a field's type hint (int -> float and list -> tuple are allowed)."""
+    """Check a parsed value against a field's type hint (int -> float, an integral float -> int and
+    list -> tuple are allowed). A wrong type names the field, the expected type and an example."""
+    try:
+        return _convert(value, hint)
+    except TypeError:
+        raise TypeError(f"{key}: expected {_type_name(hint)}, got {value!r} "
+                        f"(e.g. --set {key}={_example(hint)})") from None
+
+
+def _convert(value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
@@ -147,26 +207,30 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         for arm in typing.get_args(hint):
             if arm is not type(None):
                 try:
-                    return _coerce(value, arm, key)
+                    return _convert(value, arm)
                 except TypeError:
                     pass
-        raise TypeError(f"{key}: {value!r} does not match {hint}")
+        raise TypeError
     if hint is Any:
         return value
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
-            raise TypeError(f"{key}: expected a list, got {value!r}")
+            raise TypeError
         return origin(value)
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{key}: expected a mapping, got {value!r}")
+            raise TypeError
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise TypeError
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1e6 steps
     if hint is str and value is not None and not isinstance(value, str):
         return str(value)
     if isinstance(hint, type) and not isinstance(value, hint):
-        raise TypeError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise TypeError
     return value
 
 
@@ -188,17 +252,40 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply `section.key=value` strings in place (values parsed as YAML: 0.05, true, [8, 16, 32]).
+def config_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config (`optim.lr`, `model.kwargs`, ...)."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        keys += config_keys(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+    return keys
 
-    Keys below a dict field (model.kwargs.widths) are created; any other unknown key is an error.
+
+def _unknown(cfg: TrainConfig, key: str, what: str) -> KeyError:
+    known = config_keys(cfg)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    # `weight_decay=1e-4` without its section, or a typo in the last part only
+    close = close or [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    if close:
+        return KeyError(f"override {key!r}: {what}; did you mean {close[0]!r}?")
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    valid = [k for k in known if k.startswith(section)] or sorted({k.split(".")[0] for k in known})
+    return KeyError(f"override {key!r}: {what}; valid: {valid}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `section.key=value` strings in place; values as `parse_value` reads them, except that a
+    string field takes the text as typed (`run_name=007` stays '007').
+
+    Keys below a dict field (model.kwargs.widths) are created; any other unknown key is an error that
+    names the closest known key.
     """
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form section.key=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        *path, last = key.strip().split(".")
+            raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=0.05)")
+        *path, last = key.split(".")
         node: Any = cfg
         for i, part in enumerate(path):
             if isinstance(node, dict):
@@ -206,20 +293,31 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             elif dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
                 node = getattr(node, part)
             else:
-                raise KeyError(f"override {key!r}: no section {'.'.join(path[:i + 1])!r}")
+                raise _unknown(cfg, key, f"no section {'.'.join(path[:i + 1])!r}")
         if isinstance(node, dict):
-            node[last] = value
+            node[last] = parse_value(raw)
             continue
         fields = {f.name for f in dataclasses.fields(node)}
         if last not in fields:
-            raise KeyError(f"override {key!r}: unknown key {last!r}; valid: {sorted(fields)}")
+            raise _unknown(cfg, key, f"unknown key {last!r}")
         hint = typing.get_type_hints(type(node))[last]
         if dataclasses.is_dataclass(hint):
-            raise KeyError(f"override {key!r} names a section; set one of its keys instead")
+            raise KeyError(f"override {key!r} names a section; set one of its keys instead, e.g. "
+                           f"{config_keys(getattr(node, last), key + '.')[0]}=...")
+        value = parse_value(raw)
+        if _is_text(hint) and not (value is None and raw.strip().lower() in _NULL):
+            value = raw.strip()
+        elif isinstance(value, str) and value.lower() in _NULL:
+            value = None
         setattr(node, last, _coerce(value, hint, key))
         if hasattr(node, "__post_init__"):
             node.__post_init__()  # the section's own validation
     return cfg
+
+
+def _is_text(hint: Any) -> bool:
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and str in typing.get_args(hint))
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

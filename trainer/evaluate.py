@@ -5,6 +5,8 @@ batches) are not counted, and the counts are all-reduced, so every sample counts
 
     python -m trainer.evaluate runs/NAME/model.pt                      # the run's own config.yaml
     python -m trainer.evaluate model.pt --config cfg.yaml --set data.path=data/digits16
+    python -m trainer.evaluate models:/m-0123abcd                      # an MLflow logged model
+    python -m trainer.evaluate runs:/RUN_ID/final --set data.path=data/digits16
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataloaders import build_loader
-from models import create_model
 from models.stats import SpikeMonitor
-from trainer.config import TrainConfig, apply_overrides, load_config
+from trainer.config import TrainConfig, apply_overrides, from_dict, load_config
+from trainer.export import load_exported
 from trainer.precision import autocast, model_input
 
 
@@ -67,25 +69,24 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
             "val/loss": counts[3].item() / n, "val/samples": n, **spike_stats}
 
 
-def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
-    """A model rebuilt from `python -m trainer.export` output, with its weights."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    m = blob["model"]
-    model = create_model(m["name"], num_classes=m["num_classes"], T=m["T"], **m["kwargs"])
-    model.load_state_dict(blob["state_dict"])
-    return model, blob
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="file written by python -m trainer.export")
-    p.add_argument("--config", help="training config (default: config.yaml next to the model file)")
+    p.add_argument("model", help="a file written by python -m trainer.export, or an MLflow logged model "
+                                 "(models:/MODEL_ID, runs:/RUN_ID/final, ...; MLFLOW_TRACKING_URI names the server)")
+    p.add_argument("--config", help="training config (default: config.yaml next to the model file, or the "
+                                    "one logged with the model)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--split", default="val")
     args = p.parse_args(argv)
-    cfg: TrainConfig = load_config(args.config or Path(args.model).parent / "config.yaml")
+    if args.model.startswith(("models:/", "runs:/")):
+        from trainer.logged_model import load_logged_model  # mlflow loads only for a URI
+
+        model, logged_config, blob = load_logged_model(args.model)
+        cfg: TrainConfig = load_config(args.config) if args.config else from_dict(TrainConfig, logged_config)
+    else:
+        cfg = load_config(args.config or Path(args.model).parent / "config.yaml")
+        model, blob = load_exported(args.model)
     apply_overrides(cfg, args.set)
-    model, blob = load_exported(args.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = build_loader(cfg.data, args.split, 0, 1)
     metrics = evaluate(model.to(device), loader, device, cfg.engine.precision)

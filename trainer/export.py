@@ -15,7 +15,9 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from models import create_model
 from trainer.checkpoint import find_resume_checkpoint, read_meta
 
 
@@ -49,6 +51,16 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     torch.save(blob, tmp)
     tmp.replace(out)
     return out
+
+
+def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
+    """The single-device model rebuilt from an `export` file, with its weights, and the file's contents.
+    The file holds only tensors and plain values, so it loads with `weights_only=True`."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    m = blob["model"]
+    model = create_model(m["name"], num_classes=m["num_classes"], T=m["T"], **m["kwargs"])
+    model.load_state_dict(blob["state_dict"])
+    return model, blob
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,20 @@
 Every call only appends to an in-memory queue; one background thread creates (or reopens) the run and
 sends the queue in order. When the tracking server cannot be reached, training goes on: the thread warns
 once, keeps everything queued and retries every few seconds, so nothing is lost when the server comes
-back. If it is still unreachable when training ends (after `flush_timeout_s`), the unsent items are
-written to `<run_dir>/mlflow_unsent.json` and sent first by the next invocation (e.g. the resume).
+back (MLflow's system-metrics thread, which gives up at its first failed call, is restarted then). An
+error that retrying cannot fix (401, 403, 404: a wrong token, a refused Host header, a wrong URL) is
+reported once with the server's reason and nothing more is sent. Whatever is unsent when training ends
+(after `flush_timeout_s`) is written atomically to `<run_dir>/mlflow_unsent.json`; the next invocation
+(e.g. the resume) sends it first and deletes the file only once all of it has been sent.
+
+Metric points are sent at most once per (key, step): a reopened run starts from the newest step the
+server already has for each key, so the steps a resume recomputes after its checkpoint are not logged a
+second time. A run that ends with an exception is marked FAILED (KILLED for an interrupt).
+
+Experiments deepspike creates are tagged as model-training experiments (`mlflow.experimentKind`), so the
+MLflow UI opens them on the runs table and charts rather than the GenAI overview; `ui_links` gives the
+addresses to print. The final and best models are logged as MLflow logged models (`trainer.logged_model`)
+from the same queue, after the metrics of their step.
 
 A resumed run reopens the MLflow run whose id was stored in the checkpoint. MLflow params are write-once,
 so a resumed run logs only params that are new; a changed value is recorded in the tag
@@ -33,6 +45,20 @@ from trainer.config import MlflowConfig
 log = logging.getLogger(__name__)
 _ILLEGAL = re.compile(r"[^0-9A-Za-z_\-./ ]")
 _RETRY_S = 3.0
+_PERMANENT = {401, 403, 404}
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> dict[str, str]:
+    """Addresses in the MLflow UI's model-training view: the runs table, the charts comparing the runs,
+    and (with run_id) the run itself. A database store has no UI of its own: the links then assume
+    `mlflow ui --backend-store-uri <uri>` on its default address."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    links = {"runs": runs, "charts": runs + "&compareRunsMode=CHART"}
+    if run_id:
+        links["run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return links
 
 
 def metric_key(key: str) -> str:
@@ -50,15 +76,17 @@ class MlflowLogger:
         self._client = MlflowClient(self.uri)
         self._ops: deque[list] = deque()
         self._run_id = run_id
-        if spill.is_file():
-            leftover = json.loads(spill.read_text())
+        self.experiment_id: str | None = None
+        if (leftover := _read_spill(spill)) is not None:
             self._run_id = self._run_id or leftover["run_id"]
             self._ops.extend(leftover["ops"])
-            spill.unlink()
+            self._ops.append(["spill_sent"])  # the file goes only once everything before this is sent
         self._reopened = self._run_id is not None
         self._existing_params: dict[str, str] | None = None
+        self._last_step: dict[str, int] = {}
         self._monitor = None
         self._warned = False
+        self._refused: str | None = None
         self._closing = False
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
@@ -87,6 +115,16 @@ class MlflowLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._push(["artifact", str(path), artifact_path])
 
+    def log_model(self, name: str, model_file: Path, example_file: Path, config_file: Path) -> None:
+        """A `trainer.export` file as an MLflow logged model, linked to its step's metrics."""
+        self._push(["model", name, str(model_file), str(example_file), str(config_file)])
+
+    def links(self) -> dict[str, str] | None:
+        """`ui_links` of this run, once the background thread has created or reopened it."""
+        if self.experiment_id is None:
+            return None
+        return ui_links(self.uri, self.experiment_id, self._run_id)
+
     def close(self, status: str = "FINISHED") -> bool:
         """Flush (waiting up to flush_timeout_s) and end the run. Returns False if items were spilled."""
         self._push(["terminate", status])
@@ -95,14 +133,20 @@ class MlflowLogger:
             self._cv.notify()
         self._thread.join(self.cfg.flush_timeout_s)
         with self._cv:
-            left = list(self._ops)
+            left = [op for op in self._ops if op[0] != "spill_sent"]
             self._ops.clear()
         if not left:
             return True
         self._spill.parent.mkdir(parents=True, exist_ok=True)
-        self._spill.write_text(json.dumps({"run_id": self._run_id, "ops": left}))
-        log.warning("MLflow at %s unreachable: %d unsent items saved to %s; the next run in this directory "
-                    "sends them", self.uri, len(left), self._spill)
+        tmp = self._spill.with_name(self._spill.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"run_id": self._run_id, "ops": left}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._spill)
+        log.warning("MLflow at %s %s: %d unsent items saved to %s; the next run in this directory "
+                    "sends them", self.uri, "refused them" if self._refused else "unreachable", len(left),
+                    self._spill)
         return False
 
     # ---- the background thread --------------------------------------------------------------------
@@ -111,12 +155,18 @@ class MlflowLogger:
             with self._cv:
                 while not self._ops and not self._closing:
                     self._cv.wait()
-                if not self._ops:
+                if not self._ops or self._refused:
                     return
             try:
                 self._ensure_run()
                 self._send_queued()
             except Exception as e:  # the server or network; training must not notice
+                if isinstance(e, MlflowException) and e.get_http_status_code() in _PERMANENT:
+                    self._refused = str(e).splitlines()[0][:500]
+                    log.error("MLflow at %s refused the run's data (HTTP %d): %s. Nothing more is sent; fix the "
+                              "tracking URI or credentials and re-run: the unsent items are kept in %s",
+                              self.uri, e.get_http_status_code(), self._refused, self._spill)
+                    return
                 if not self._warned:
                     log.warning("MLflow logging to %s failed (%s: %s); training continues, metrics are kept "
                                 "and retried", self.uri, type(e).__name__, str(e).splitlines()[0][:200])
@@ -127,7 +177,10 @@ class MlflowLogger:
     def _ensure_run(self) -> None:
         if self._run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment,
+                                                                                  tags=EXPERIMENT_KIND)
+            if exp and "mlflow.experimentKind" not in exp.tags:  # made by an older deepspike or by hand
+                self._client.set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
             self._run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
         if self._existing_params is None:
             try:
@@ -140,12 +193,17 @@ class MlflowLogger:
                 self._run_id, self._reopened = None, False
                 return self._ensure_run()
             self._existing_params = dict(run.data.params)
+            self.experiment_id = run.info.experiment_id
+            self._last_step = {m.key: m.step for m in run.data.to_proto().metrics}
             if run.info.status != "RUNNING":
                 self._client.update_run(self._run_id, status="RUNNING")
-        if self.cfg.system_metrics and self._monitor is None:
+        thread = self._monitor._process if self._monitor is not None else None
+        stopped = thread is not None and not thread.is_alive()
+        if self.cfg.system_metrics and (self._monitor is None or stopped):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self._run_id, resume_logging=self._reopened,
+            # After an outage the old monitor has given up; a new one continues its step count.
+            self._monitor = SystemMetricsMonitor(self._run_id, resume_logging=self._reopened or stopped,
                                                  tracking_uri=self.uri)
             self._monitor.start()
 
@@ -173,8 +231,12 @@ class MlflowLogger:
         kind = batch[0][0]
         c, rid = self._client, self._run_id
         if kind == "metrics":
-            metrics = [Metric(k, v, ts, step) for op in batch for k, v, ts, step in op[1]]
-            c.log_batch(rid, metrics=metrics)
+            metrics = [Metric(k, v, ts, step) for op in batch for k, v, ts, step in op[1]
+                       if step > self._last_step.get(k, -1)]
+            if metrics:
+                c.log_batch(rid, metrics=metrics)
+            for m in metrics:
+                self._last_step[m.key] = max(m.step, self._last_step.get(m.key, -1))
         elif kind == "params":
             self._send_params(batch[0][1])
         elif kind == "tags":
@@ -187,6 +249,17 @@ class MlflowLogger:
                 c.log_artifact(rid, path, artifact_path)
             else:
                 log.warning("MLflow artifact %s vanished before it could be uploaded; skipped", path)
+        elif kind == "spill_sent":
+            self._spill.unlink(missing_ok=True)
+        elif kind == "model":
+            from trainer.logged_model import log_exported_model  # torch + mlflow.pytorch, only at the end
+
+            _, name, model_file, example_file, config_file = batch[0]
+            # log_model talks to the global client and files the model under the active experiment
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(experiment_id=self.experiment_id)
+            model_id = log_exported_model(rid, name, model_file, example_file, config_file)
+            log.info("MLflow logged model %r: models:/%s", name, model_id)
         elif kind == "terminate":
             if self._monitor is not None:
                 self._monitor.finish()
@@ -204,3 +277,20 @@ class MlflowLogger:
         existing.update(new)
         if changed:
             self._client.set_tag(self._run_id, "resume.changed_params", json.dumps(changed)[:5000])
+
+
+def _read_spill(spill: Path) -> dict | None:
+    """The unsent items of an earlier invocation. A file that does not parse (written by hand, or by a
+    deepspike older than the atomic write) is moved aside with an error, never silently dropped."""
+    if not spill.is_file():
+        return None
+    try:
+        leftover = json.loads(spill.read_text())
+        if not isinstance(leftover.get("ops"), list):
+            raise ValueError("no 'ops' list")
+        return leftover
+    except (ValueError, AttributeError) as e:
+        aside = spill.with_name(f"{spill.name}.unreadable-{int(time.time())}")
+        spill.rename(aside)
+        log.error("MLflow spill file %s is unreadable (%s); kept as %s, not replayed", spill, e, aside)
+        return None

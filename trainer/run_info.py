@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,15 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_tags(resumed_from: Path | None) -> dict[str, str]:
+    """MLflow's own tags for where a run came from (the UI shows them in the runs table). The Ray launcher
+    names its command in DEEPSPIKE_ENTRY_POINT; a worker's own argv is Ray's."""
+    entry = os.environ.get("DEEPSPIKE_ENTRY_POINT") or " ".join(["python -m trainer.train", *sys.argv[1:]])
+    return {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": entry[:500],
+            "mlflow.source.type": "JOB", "mlflow.user": getpass.getuser(),
+            "resumed_from": str(resumed_from) if resumed_from else ""}
 
 
 def flat_params(cfg: TrainConfig, world: int, accum: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from dataloaders import build_loader
 from models import create_model
 from models.grad_norms import BlockGradNorms
-from trainer.checkpoint import CheckpointManager, CheckpointMeta, Progress, step_dir_name
+from trainer.checkpoint import CheckpointManager, CheckpointMeta, Progress, best_checkpoint, step_dir_name
 from trainer.config import TrainConfig, save_config, to_dict
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import init_distributed, rank_seed, seed_all
@@ -34,7 +35,8 @@ from trainer.evaluate import evaluate
 from trainer.export import export
 from trainer.metrics import TrainWindow, peak_memory_gib
 from trainer.precision import autocast, model_input
-from trainer.run_info import flat_params, git_commit
+from trainer.progress import MetricsFile, eval_line, step_line
+from trainer.run_info import flat_params, source_tags
 from trainer.wrap import wrap
 
 Report = Callable[[dict[str, float], str], None]
@@ -79,29 +81,36 @@ class Trainer:
         self.window = TrainWindow(self.device)
         # Hooks only inside `with`, on the last micro-batch of logging steps.
         self.grad_norms = BlockGradNorms(self.engine)
+        self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl") if self.rank == 0 else None
         self.logger = self._start_record() if self.rank == 0 else None
 
     def fit(self) -> dict[str, Any]:
         cfg, p = self.cfg, self.progress
+        # A tqdm bar only on a terminal (disable=None); job logs get the one-line summaries of log_train.
         bar = tqdm(total=self.total_steps, initial=p.step, disable=None if self.rank == 0 else True,
                    desc="train", dynamic_ncols=True)
         self.engine.train()
-        while p.step < self.end:
-            for micro_batches in self._steps_left_in_epoch():
-                self.train_step(micro_batches)
-                bar.update(1)
-                if p.step % cfg.log_every == 0 or p.step == self.end:
-                    self.log_train()
-                mid_epoch = p.epoch_step < self.steps_per_epoch and p.step < self.end
-                if mid_epoch and cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
-                    self.save()
-            if p.epoch_step == self.steps_per_epoch:
-                self._next_epoch()
-        bar.close()
-        if p.step == self.total_steps and self.evaluated_at != p.step:
-            self.save(self.evaluate())
-        elif self.saved_step != p.step:
-            self.save()
+        try:
+            while p.step < self.end:
+                for micro_batches in self._steps_left_in_epoch():
+                    self.train_step(micro_batches)
+                    bar.update(1)
+                    if p.step % cfg.log_every == 0 or p.step == self.end:
+                        self.log_train()
+                    mid_epoch = p.epoch_step < self.steps_per_epoch and p.step < self.end
+                    if mid_epoch and cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                        self.save()
+                if p.epoch_step == self.steps_per_epoch:
+                    self._next_epoch()
+            bar.close()
+            if p.step == self.total_steps and self.evaluated_at != p.step:
+                self.save(self.evaluate())
+            elif self.saved_step != p.step:
+                self.save()
+        except BaseException as e:
+            if self.logger:  # not left RUNNING; a resume reopens it
+                self.logger.close("KILLED" if isinstance(e, KeyboardInterrupt | SystemExit) else "FAILED")
+            raise
         return self.close()
 
     def _steps_left_in_epoch(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
@@ -162,7 +171,8 @@ class Trainer:
         self.last_train, self.window = m, TrainWindow(self.device)
         self._log(m)
         if self.rank == 0:
-            tqdm.write("log " + json.dumps({"step": p.step, **{k: round(v, 5) for k, v in m.items()}}))
+            eta = (self.end - p.step) * m["perf/step_s"]
+            tqdm.write(step_line(p.step, self.total_steps, self.steps_per_epoch, m, eta))
 
     def evaluate(self) -> float:
         """Collective: the full validation set; returns its top-1."""
@@ -172,8 +182,7 @@ class Trainer:
         p.best_top1 = max(p.best_top1 or 0.0, self.last_val["val/top1"])
         self._log({**self.last_val, "val/best_top1": p.best_top1})
         if self.rank == 0:
-            tqdm.write("eval " + json.dumps({"step": p.step, "epoch": p.epoch,
-                                             **{k: round(v, 5) for k, v in self.last_val.items()}}))
+            tqdm.write(eval_line(p.step, self.total_steps, self.steps_per_epoch, self.last_val, p.best_top1))
         return self.last_val["val/top1"]
 
     def save(self, val_here: float | None = None) -> Path:
@@ -205,11 +214,24 @@ class Trainer:
                   "best_top1": p.best_top1, **self.last_train, **self.last_val}
         if self.logger:
             if p.step >= self.total_steps and self.cfg.mlflow.log_model:
-                self.logger.log_artifact(export(final, self.run_dir / "model.pt"), "model")
+                self._log_models(final)
             self.logger.close()
             result["mlflow_run_id"] = self.logger.run_id
+            if links := self.logger.links():
+                print(f"[trainer] MLflow run: {links['run']}\n[trainer] MLflow runs table: {links['runs']}",
+                      flush=True)
         dist.barrier()
         return result
+
+    def _log_models(self, final: Path) -> None:
+        """Rank 0: the final and the best checkpoint as MLflow logged models, one validation image as the
+        input example; `model.pt` (the final weights) also stays in the run directory for trainer.evaluate."""
+        x, _ = next(iter(self.val_loader))
+        example = self.run_dir / "input_example.npy"
+        np.save(example, model_input(x[:1], torch.device("cpu"), "fp32").float().numpy())
+        best = best_checkpoint(self.checkpoints.root) or final
+        for name, step_dir, file in (("final", final, "model.pt"), ("best", best, "model_best.pt")):
+            self.logger.log_model(name, export(step_dir, self.run_dir / file), example, self.run_dir / "config.yaml")
 
     def _resume_point(self) -> Path | None:
         if self.cfg.checkpoint.resume:
@@ -233,9 +255,8 @@ class Trainer:
                                   cfg.resolved_run_name(), self.progress.mlflow_run_id,
                                   run_dir / "mlflow_unsent.json")
             logger.log_params(flat_params(cfg, self.world, self.accum))
-            logger.set_tags({"git_commit": git_commit(), "world_size": self.world, "device": self.device.type,
-                             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "recipe": cfg.recipe,
-                             "resumed_from": str(self.resumed_from) if self.resumed_from else ""})
+            logger.set_tags({**source_tags(self.resumed_from), "world_size": self.world, "device": self.device.type,
+                             "torch": torch.__version__, "deepspeed": deepspeed.__version__, "recipe": cfg.recipe})
             logger.log_artifact(run_dir / "config.yaml")
             logger.log_artifact(run_dir / "ds_config.json")
         print(f"[trainer] {cfg.resolved_run_name()}: world {self.world} x micro {cfg.data.batch_size} x accum "
@@ -247,3 +268,5 @@ class Trainer:
     def _log(self, metrics: dict[str, float]) -> None:
         if self.logger:
             self.logger.log_metrics(metrics, self.progress.step)
+        if self.metrics_file:
+            self.metrics_file.write(self.progress.step, metrics)

@@ -1,0 +1,39 @@
+"""What a person reads: the progress lines, the metrics file and the MLflow UI links (no processes)."""
+
+import json
+
+from trainer.mlflow_logger import ui_links
+from trainer.progress import MetricsFile, eval_line, step_line
+
+TRAIN = {"train/loss": 1.43719, "train/top1": 0.49412, "perf/images_per_s": 168.4, "grad/norm_block_3": 0.026}
+VAL = {"val/top1": 0.55, "val/top5": 0.9134, "val/loss": 1.2009}
+
+
+def test_step_and_eval_lines():
+    assert step_line(84, 252, 42, TRAIN, 62.4) == \
+        "step 84/252 (epoch 2/6) | loss 1.437 | top-1 49.4 % | 168 img/s | ETA 0:01:02"
+    assert step_line(85, 252, 42, TRAIN, 3725).endswith("(epoch 3/6) | loss 1.437 | top-1 49.4 % | 168 img/s | "
+                                                         "ETA 1:02:05")
+    # a run of max_steps that ends inside an epoch still names the epoch it is in
+    assert step_line(8, 8, 42, TRAIN, float("nan")).startswith("step 8/8 (epoch 1/1) |")
+    assert step_line(8, 8, 42, TRAIN, float("nan")).endswith("ETA ?")
+    assert eval_line(84, 252, 42, VAL, 0.61) == \
+        "eval step 84/252 (epoch 2/6) | top-1 55.0 % | top-5 91.3 % | loss 1.201 | best 61.0 %"
+
+
+def test_metrics_file_appends_one_json_object_per_line(tmp_path):
+    f = MetricsFile(tmp_path / "metrics.jsonl")
+    f.write(4, TRAIN)
+    f.write(8, VAL)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 4, **TRAIN}, {"step": 8, **VAL}]
+
+
+def test_ui_links_open_the_model_training_view():
+    links = ui_links("http://mlflow.example:5000/", "7", "abc")
+    assert links == {"runs": "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning",
+                     "charts": "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
+                               "&compareRunsMode=CHART",
+                     "run": "http://mlflow.example:5000/#/experiments/7/runs/abc"}
+    # a database store has no server: the links assume `mlflow ui` on its default address
+    assert ui_links("sqlite:///runs/mlflow.db", "1")["runs"].startswith("http://127.0.0.1:5000/#/experiments/1/")

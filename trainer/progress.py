@@ -1,0 +1,49 @@
+"""What a person reads while a run trains: one line per log step and one per evaluation, printed by rank 0,
+e.g.
+
+    step 84/252 (epoch 2/6) | loss 1.437 | top-1 49.4 % | 168 img/s | ETA 0:01:02
+    eval step 84 (epoch 2/6) | top-1 55.0 % | top-5 91.3 % | loss 1.201 | best 55.0 %
+
+The full metrics (25+ keys: gradient norms, spike rates, decode errors, ...) are not printed: they go to
+MLflow and, one JSON object a line, to `<run_dir>/metrics.jsonl`, which needs no server to read back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds))) if math.isfinite(seconds) else "?"
+
+
+def _where(step: int, total: int, steps_per_epoch: int) -> str:
+    """`step 84/252 (epoch 2/6)`: the epoch a step belongs to, counted from 1 as people do."""
+    epoch = max(1, math.ceil(step / steps_per_epoch))
+    return f"{step}/{total} (epoch {epoch}/{math.ceil(total / steps_per_epoch)})"
+
+
+def step_line(step: int, total: int, steps_per_epoch: int, metrics: dict[str, float], eta_s: float) -> str:
+    return (f"step {_where(step, total, steps_per_epoch)} | loss {metrics['train/loss']:.3f} | "
+            f"top-1 {100 * metrics['train/top1']:.1f} % | {metrics['perf/images_per_s']:.0f} img/s | "
+            f"ETA {_clock(eta_s)}")
+
+
+def eval_line(step: int, total: int, steps_per_epoch: int, metrics: dict[str, float], best_top1: float) -> str:
+    return (f"eval step {_where(step, total, steps_per_epoch)} | top-1 {100 * metrics['val/top1']:.1f} % | "
+            f"top-5 {100 * metrics['val/top5']:.1f} % | loss {metrics['val/loss']:.3f} | "
+            f"best {100 * best_top1:.1f} %")
+
+
+class MetricsFile:
+    """Append-only JSON lines; a line is written whole and flushed, so a crash loses at most the last one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
