@@ -5,13 +5,15 @@
     python -m dataloaders.convert imagenet --src /data/imagenet --out /data/imagenet-ffcv --format ffcv \\
         --max-side 512 --write-mode smart
     python -m dataloaders.convert cifar10 --src /data/cifar-10-batches-py --out /data/cifar-wds --format wds
+    python -m dataloaders.convert cifar100 --src /data/cifar-100-python.tar.gz --out /data/cifar100-wds \\
+        --format wds
     python -m dataloaders.convert cifar10-dvs --src /data/CIFAR10-DVS --out /data/dvs-ffcv --format ffcv \\
         --frames 20
     python -m dataloaders.convert digits --out runs/digits-wds --format wds --size 32
 
 Inputs: ImageNet-style `src/{train,val}/<wnid>/*.JPEG`; CIFAR-10's `cifar-10-batches-py` folder or its
-`.tar.gz`; CIFAR10-DVS class folders of `.aedat` recordings or the distributed class zips; digits need
-no input.
+`.tar.gz`; CIFAR-100's `cifar-100-python` folder or its `.tar.gz` (md5-checked); CIFAR10-DVS class folders
+of `.aedat` recordings or the distributed class zips; digits need no input.
 
 Output layout under --out (see `dataloaders.manifest`):
     wds:  <split>/manifest.json and <split>/<split>-000000.tar, ...: sample `<split>-<index:08d>` holds `.jpg`
@@ -28,8 +30,9 @@ An FFCV split is one file, so it resumes per split. Finished splits (with a mani
 
 Bad input: an undecodable or non-image file, or an unreadable recording, is skipped, logged and listed in
 the manifest under "skipped" with --on-error skip (default), or stops the conversion with --on-error stop.
-An empty class folder is listed under "issues" (skip) or stops. A missing CIFAR batch file or a truncated
-archive always stops with a message naming the file.
+An empty class folder is listed under "issues" (skip) or stops. A missing CIFAR batch file, a truncated
+archive or a CIFAR-100 file that is not the published one (md5) always stops with a message naming the
+file.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class Options:
     frames: int = 20
     train_fraction: float = 0.9
     size: int = 32
+    verify_md5: bool = True
+    """cifar100: check the files against the published md5 sums (off for home-made pickles)."""
 
 
 class ConversionError(RuntimeError):
@@ -342,6 +347,8 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=d.frames, help="cifar10-dvs: frames per recording (T)")
     p.add_argument("--train-fraction", type=float, default=d.train_fraction, help="cifar10-dvs: per class")
     p.add_argument("--size", type=int, default=d.size, help="digits: image side")
+    p.add_argument("--no-verify-md5", dest="verify_md5", action="store_false",
+                   help="cifar100: accept pickles that are not the published files (made by you)")
     a = vars(p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -11,10 +11,11 @@ from dataloaders import DataConfig, get_dataset, list_datasets
 from dataloaders.transforms import augment, normalize, output_shape
 
 
-def test_the_four_datasets_are_registered_by_both_names():
-    assert list_datasets() == ["cifar10", "cifar10dvs", "digits", "imagenet"]
+def test_the_datasets_are_registered_by_both_names():
+    assert list_datasets() == ["cifar10", "cifar100", "cifar10dvs", "digits", "imagenet"]
     assert get_dataset("cifar10-dvs") is get_dataset("cifar10dvs")
-    assert [get_dataset(d).cli_name for d in list_datasets()] == ["cifar10", "cifar10-dvs", "digits", "imagenet"]
+    assert [get_dataset(d).cli_name for d in list_datasets()] == ["cifar10", "cifar100", "cifar10-dvs", "digits",
+                                                                  "imagenet"]
     with pytest.raises(KeyError, match="unknown dataset 'mnist'"):
         get_dataset("mnist")
     with pytest.raises(ValueError, match="expected one of"):
