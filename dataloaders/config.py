@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from dataloaders.datasets import list_datasets
 
 FORMATS = ("wds", "ffcv")
+FOLDER_AUGMENTS = ("auto", "pad_crop", "resized_crop")
 
 
 @dataclass
@@ -33,6 +34,10 @@ class DataConfig:
     """ImageNet train: AutoAugment with the ImageNet policy after the crop, as the authors' recipe."""
     hflip: bool = False
     """ImageNet train: random horizontal flip (the authors' recipe has none). CIFAR always flips."""
+    folder_augment: str = "auto"
+    """folder: 'pad_crop', 'resized_crop' or 'auto' (by the images' size); see dataloaders.datasets.folder."""
+    small_side: int = 64
+    """folder, 'auto': images whose median short side is at most this many pixels get 'pad_crop'."""
     cache_dir: str = ""
     """Node-local folder for shards fetched from URLs; default ~/.cache/deepspike/shards."""
 
@@ -45,6 +50,8 @@ class DataConfig:
             raise ValueError(f"data.dataset={self.dataset!r}; expected one of {list_datasets()}")
         if self.format not in FORMATS:
             raise ValueError(f"data.format={self.format!r}; expected one of {FORMATS}")
+        if self.folder_augment not in FOLDER_AUGMENTS:
+            raise ValueError(f"data.folder_augment={self.folder_augment!r}; expected one of {FOLDER_AUGMENTS}")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1 and "
                              f"data.num_workers={self.num_workers} >= 0")

@@ -27,8 +27,8 @@ from dataloaders.order import PAD, EpochPlan
 
 
 class Loader:
-    def __init__(self, plan: EpochPlan, backend, normalize):
-        self.plan, self.backend, self.normalize = plan, backend, normalize
+    def __init__(self, plan: EpochPlan, backend, normalize, classes: list[str]):
+        self.plan, self.backend, self.normalize, self.classes = plan, backend, normalize, classes
         self.epoch, self.batches_yielded, self.decode_errors = 0, 0, 0
 
     def __len__(self) -> int:
@@ -100,21 +100,22 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
     plan = EpochPlan(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train)
     stored = manifest["sample"]["shape"]
     shape = transforms.output_shape(cfg, stored, train)
-    side = stored[0] if stored else cfg.image_size
+    side = stored[0] if stored else manifest.get("stats", {}).get("median_short_side", cfg.image_size)
     if cfg.format == "wds":
         from dataloaders.wds_reader import ShardSet, WdsDataset
 
         augment = transforms.augment(cfg, train, side, cropped_by_decoder=False)
         dataset = WdsDataset(ShardSet(cfg.path, manifest, cfg.cache_dir), manifest["sample"]["ext"], augment,
                              shape)
-        return Loader(plan, _TorchBackend(dataset, cfg.num_workers), transforms.normalize(cfg))
+        return Loader(plan, _TorchBackend(dataset, cfg.num_workers), transforms.normalize(cfg, manifest),
+                      manifest["classes"])
     if is_remote(cfg.path):
         raise ValueError(f"FFCV memory-maps local files; copy {cfg.path} to node-local storage first")
     from dataloaders.ffcv_pipeline import FfcvBackend
 
     augment = transforms.augment(cfg, train, side, cropped_by_decoder=True)
     backend = FfcvBackend(cfg, manifest, resolve(cfg.path, manifest["file"]), train, augment, shape)
-    return Loader(plan, backend, transforms.normalize(cfg))
+    return Loader(plan, backend, transforms.normalize(cfg, manifest), manifest["classes"])
 
 
 class _TorchBackend:

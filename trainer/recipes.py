@@ -125,6 +125,18 @@ for _depth in (20, 32, 44, 56, 110, 482):
 
 
 @recipe
+def ms_resnet18_folder() -> TrainConfig:
+    """Any converted image folder (`python -m dataloaders.convert folder`): the ImageNet-18 setup with the
+    head sized from the manifest's classes, the normalisation measured at conversion, augmentation by image
+    size and a flip. Run it with `python launch/imagenet.py --recipe ms_resnet18_folder --data DIR`; for
+    small images add `--set data.image_size=32 data.val_crop=32`."""
+    cfg = _imagenet(18, 1e-5)
+    cfg.model.num_classes = 0
+    cfg.data.dataset, cfg.data.path, cfg.data.auto_augment, cfg.data.hflip = "folder", "data/folder", False, True
+    return cfg
+
+
+@recipe
 def ms_resnet20_cifar10dvs() -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(name="ms_resnet20_dvs", num_classes=10, T=20),
