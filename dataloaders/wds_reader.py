@@ -105,9 +105,9 @@ def decode(ext: str, data: bytes) -> torch.Tensor:
 
 
 class WdsDataset(torch.utils.data.Dataset):
-    """Item (position, seed or None) -> (augmented uint8 sample, label, undecodable?); the loader normalises
-    whole batches. Position PAD gives a padding row; an undecodable sample is logged and returned as a
-    blank with label -1, so one bad JPEG never stops a run (the loader counts them)."""
+    """Item (position, seed or None[, shard name, sample]) -> (augmented uint8 sample, label, undecodable?);
+    the loader normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
+    and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them)."""
 
     def __init__(self, shards: ShardSet, ext: str, augment, blank_shape):
         self.shards, self.ext, self.augment = shards, ext, augment
@@ -117,10 +117,10 @@ class WdsDataset(torch.utils.data.Dataset):
         return len(self.shards)
 
     def __getitem__(self, item):
-        index, seed = item
+        index, seed, *streamed = item  # data.access=stream hands over (shard name, sample) read in order
         if index < 0:
             return self.blank, -1, False
-        shard, sample = self.shards.read(index)
+        shard, sample = streamed or self.shards.read(index)
         try:
             x, label = decode(self.ext, sample[self.ext]), int(sample["cls"])
             if self.augment is not None:
