@@ -9,6 +9,7 @@ from dataloaders.datasets import list_datasets
 FORMATS = ("wds", "ffcv")
 FOLDER_AUGMENTS = ("auto", "pad_crop", "resized_crop")
 ACCESS = ("random", "stream")
+DECODERS = ("simplejpeg", "torchvision", "opencv", "torchcodec", "pil")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class DataConfig:
     """folder, 'auto': images whose median short side is at most this many pixels get 'pad_crop'."""
     cache_dir: str = ""
     """random access: node-local folder for shards fetched from URLs; default ~/.cache/deepspike/shards."""
+    decoder: str = "simplejpeg"
+    """wds JPEGs: 'simplejpeg', 'torchvision' (the old default), 'opencv', 'torchcodec' or 'pil'; all give
+    the same uint8 RGB pixels up to libjpeg rounding (dataloaders.decoders, measured by bench.loaders)."""
     access: str = "random"
     """wds: 'random' reads samples of one exact global permutation per epoch (local shards; remote ones are
     fetched whole into cache_dir first); 'stream' has each rank read its own run of shards front to back
@@ -63,6 +67,8 @@ class DataConfig:
             raise ValueError(f"data.format={self.format!r}; expected one of {FORMATS}")
         if self.folder_augment not in FOLDER_AUGMENTS:
             raise ValueError(f"data.folder_augment={self.folder_augment!r}; expected one of {FOLDER_AUGMENTS}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"data.decoder={self.decoder!r}; expected one of {DECODERS}")
         if self.access not in ACCESS or (self.access == "stream" and self.format != "wds"):
             raise ValueError(f"data.access={self.access!r} with data.format={self.format!r}; expected one of "
                              f"{ACCESS} ('stream' for wds only: FFCV memory-maps local files)")

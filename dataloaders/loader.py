@@ -127,7 +127,7 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
 
         augment = transforms.augment(cfg, train, side, cropped_by_decoder=False)
         shards = ShardSet(cfg.path, manifest, cfg.cache_dir)
-        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape)
+        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder)
         stream = ShardStream(shards, cfg.retries, cfg.retry_backoff) if cfg.access == "stream" else None
         return Loader(plan, _TorchBackend(dataset, cfg.num_workers, stream), transforms.normalize(cfg, manifest),
                       manifest["classes"])
