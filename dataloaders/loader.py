@@ -9,11 +9,13 @@
         state = loader.state_dict()     # store with the checkpoint; load_state_dict() resumes mid-epoch
     loader.seek(epoch, batches)         # the same position on another world size
 
-Every rank yields `len(loader)` batches per epoch (see `dataloaders.order` for the plan). Rows with label
--1 are zeros and carry no sample: eval padding on ranks that ran out of data, or a sample that failed to
-decode (logged, counted in `metrics()['data/decode_errors']`); use `ignore_index=-1` in the loss and mask
-them in accuracy counts. Train batches are always full; eval batches keep their size with padding rows.
-Workers hand over uint8 images; normalisation runs once per batch in the loader.
+Every rank yields `len(loader)` batches per epoch (see `dataloaders.order` for the plan, and
+`dataloaders.stream` for data.access=stream). Rows with label -1 are zeros and carry no sample: eval
+padding on ranks that ran out of data (train too in stream mode, which reads every sample once per epoch),
+or a sample that failed to decode (logged, counted in `metrics()['data/decode_errors']`); use
+`ignore_index=-1` in the loss and mask them in accuracy counts. With data.access=random train batches are
+always full (the epoch's remainder is dropped); eval batches keep their size with padding rows. Workers
+hand over uint8 images; normalisation runs once per batch in the loader.
 """
 
 from __future__ import annotations
