@@ -1,8 +1,9 @@
 """JPEG decoders for the wds path: file bytes in, uint8 RGB [3, H, W] out (grey or CMYK files become RGB),
 a ValueError or RuntimeError (which the loader counts as an undecodable sample) for bytes that are not
 a decodable JPEG. `data.decoder` picks one; `python -m bench.loaders`
-measures them all with the crop that follows. Other formats (the CIFAR and digits PNGs) always go through
-torchvision, which decodes them losslessly whatever the choice.
+measures them all with the crop that follows. Other formats (the CIFAR and digits PNGs) go through
+`decode_lossless` whatever the choice: Pillow, exact pixels and no call into torchvision's deprecated
+image I/O.
 
 - simplejpeg: libjpeg-turbo's own API, the default: the fastest maintained one in bench.loaders (about
   1.1-1.25x torchvision per core for decode + crop on 300-500 px JPEGs).
@@ -33,6 +34,14 @@ def get_decoder(name: str):
         return globals()[f"_{name}"]()
     except ImportError as e:
         raise ValueError(f"data.decoder={name!r} needs a package that is not installed ({e})") from e
+
+
+def decode_lossless(data: bytes) -> torch.Tensor:
+    """PNG (or any format Pillow reads) -> uint8 RGB [3, H, W]."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return _from_hwc(np.array(im.convert("RGB")))
 
 
 def _from_hwc(array) -> torch.Tensor:
@@ -75,12 +84,9 @@ def _torchcodec():
 
 
 def _pil():
-    from PIL import Image
-
     def decode(data: bytes) -> torch.Tensor:
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                return _from_hwc(np.array(im.convert("RGB")))
+            return decode_lossless(data)
         except OSError as e:
             raise ValueError(f"not a decodable JPEG ({e})") from e
 

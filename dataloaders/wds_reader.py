@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
-from dataloaders.decoders import get_decoder
+from dataloaders.decoders import decode_lossless, get_decoder
 from dataloaders.manifest import fetch, is_remote, resolve
 from dataloaders.transforms import seeded
 
@@ -104,7 +103,7 @@ def decode(ext: str, data: bytes, jpeg_decoder: str) -> torch.Tensor:
         return torch.from_numpy(np.load(io.BytesIO(gzip.decompress(data))))
     if ext == "jpg":
         return get_decoder(jpeg_decoder)(data)
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return decode_lossless(data)
 
 
 class WdsDataset(torch.utils.data.Dataset):
