@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from dataloaders.datasets import list_datasets
 
 FORMATS = ("wds", "ffcv")
+FOLDER_AUGMENTS = ("auto", "pad_crop", "resized_crop")
+ACCESS = ("random", "stream")
+DECODERS = ("simplejpeg", "torchvision", "opencv", "torchcodec", "pil")
 
 
 @dataclass
@@ -33,8 +36,25 @@ class DataConfig:
     """ImageNet train: AutoAugment with the ImageNet policy after the crop, as the authors' recipe."""
     hflip: bool = False
     """ImageNet train: random horizontal flip (the authors' recipe has none). CIFAR always flips."""
+    folder_augment: str = "auto"
+    """folder: 'pad_crop', 'resized_crop' or 'auto' (by the images' size); see dataloaders.datasets.folder."""
+    small_side: int = 64
+    """folder, 'auto': images whose median short side is at most this many pixels get 'pad_crop'."""
     cache_dir: str = ""
-    """Node-local folder for shards fetched from URLs; default ~/.cache/deepspike/shards."""
+    """random access: node-local folder for shards fetched from URLs; default ~/.cache/deepspike/shards."""
+    decoder: str = "simplejpeg"
+    """wds JPEGs: 'simplejpeg', 'torchvision' (the old default), 'opencv', 'torchcodec' or 'pil'; all give
+    the same uint8 RGB pixels up to libjpeg rounding (dataloaders.decoders, measured by bench.loaders)."""
+    access: str = "random"
+    """wds: 'random' reads samples of one exact global permutation per epoch (local shards; remote ones are
+    fetched whole into cache_dir first); 'stream' has each rank read its own run of shards front to back
+    through a shuffle buffer, caching nothing (remote shards too big for a node). See dataloaders.stream."""
+    shuffle_buffer: int = 1000
+    """stream, train: samples held for the buffered shuffle (WebDataset's shuffle(n)); also the read-ahead."""
+    retries: int = 3
+    retry_backoff: float = 1.0
+    """stream: re-reads of a failing shard before the run stops, the first after retry_backoff seconds,
+    doubling."""
 
     def __post_init__(self):
         self.validate()
@@ -45,6 +65,16 @@ class DataConfig:
             raise ValueError(f"data.dataset={self.dataset!r}; expected one of {list_datasets()}")
         if self.format not in FORMATS:
             raise ValueError(f"data.format={self.format!r}; expected one of {FORMATS}")
+        if self.folder_augment not in FOLDER_AUGMENTS:
+            raise ValueError(f"data.folder_augment={self.folder_augment!r}; expected one of {FOLDER_AUGMENTS}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"data.decoder={self.decoder!r}; expected one of {DECODERS}")
+        if self.access not in ACCESS or (self.access == "stream" and self.format != "wds"):
+            raise ValueError(f"data.access={self.access!r} with data.format={self.format!r}; expected one of "
+                             f"{ACCESS} ('stream' for wds only: FFCV memory-maps local files)")
+        if self.shuffle_buffer < 1 or self.retries < 0:
+            raise ValueError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 1 and "
+                             f"data.retries={self.retries} >= 0")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1 and "
                              f"data.num_workers={self.num_workers} >= 0")

@@ -5,13 +5,18 @@
     python -m dataloaders.convert imagenet --src /data/imagenet --out /data/imagenet-ffcv --format ffcv \\
         --max-side 512 --write-mode smart
     python -m dataloaders.convert cifar10 --src /data/cifar-10-batches-py --out /data/cifar-wds --format wds
+    python -m dataloaders.convert cifar100 --src /data/cifar-100-python.tar.gz --out /data/cifar100-wds \\
+        --format wds
     python -m dataloaders.convert cifar10-dvs --src /data/CIFAR10-DVS --out /data/dvs-ffcv --format ffcv \\
         --frames 20
+    python -m dataloaders.convert folder --src /data/flowers --out /data/flowers-wds --format wds
     python -m dataloaders.convert digits --out runs/digits-wds --format wds --size 32
 
-Inputs: ImageNet-style `src/{train,val}/<wnid>/*.JPEG`; CIFAR-10's `cifar-10-batches-py` folder or its
-`.tar.gz`; CIFAR10-DVS class folders of `.aedat` recordings or the distributed class zips; digits need
-no input.
+Inputs: ImageNet-style `src/{train,val}/<wnid>/*.JPEG`; for `folder` any tree `src/{train,val}/<class>/*`
+(any number of classes, any format PIL reads; its mean/std and median image size are measured on train and
+stored in the manifests); CIFAR-10's `cifar-10-batches-py` folder or its `.tar.gz`; CIFAR-100's
+`cifar-100-python` folder or its `.tar.gz` (md5-checked); CIFAR10-DVS class folders of `.aedat` recordings
+or the distributed class zips; digits need no input.
 
 Output layout under --out (see `dataloaders.manifest`):
     wds:  <split>/manifest.json and <split>/<split>-000000.tar, ...: sample `<split>-<index:08d>` holds `.jpg`
@@ -28,8 +33,9 @@ An FFCV split is one file, so it resumes per split. Finished splits (with a mani
 
 Bad input: an undecodable or non-image file, or an unreadable recording, is skipped, logged and listed in
 the manifest under "skipped" with --on-error skip (default), or stops the conversion with --on-error stop.
-An empty class folder is listed under "issues" (skip) or stops. A missing CIFAR batch file or a truncated
-archive always stops with a message naming the file.
+An empty class folder is listed under "issues" (skip) or stops. A missing CIFAR batch file, a truncated
+archive or a CIFAR-100 file that is not the published one (md5) always stops with a message naming the
+file.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ class Options:
     frames: int = 20
     train_fraction: float = 0.9
     size: int = 32
+    verify_md5: bool = True
+    """cifar100: check the files against the published md5 sums (off for home-made pickles)."""
 
 
 class ConversionError(RuntimeError):
@@ -98,6 +106,7 @@ def convert(dataset: str, out: str | Path, fmt: str, src: str | Path | None = No
     classes, splits = spec.read(src, opts)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stats = {"stats": _train_stats(splits["train"], out, fmt, opts)} if spec.measured_stats else {}
     manifests = {}
     for name, split in splits.items():
         if not len(split):
@@ -114,13 +123,53 @@ def convert(dataset: str, out: str | Path, fmt: str, src: str | Path | None = No
             log.warning("%s", issue)
         head = {"dataset": dataset, "split": name, "classes": classes,
                 "source": str(Path(src).resolve()) if src else None,
-                "options": dataclasses.asdict(opts) | {"workers": None}, "issues": split.issues}
+                "options": dataclasses.asdict(opts) | {"workers": None}, "issues": split.issues, **stats}
         write = _write_wds if fmt == "wds" else _write_ffcv
         manifests[name] = write(split, name, out, opts, head)
         write_json(done, manifests[name])
         log.info("%s: %d samples, %d skipped -> %s", name, manifests[name]["num_samples"],
                  len(manifests[name]["skipped"]), done)
     return manifests
+
+
+def _train_stats(split: sources.Split, out: Path, fmt: str, opts: Options) -> dict:
+    """Per-channel mean/std of the train images' 0..1 pixels and their median short side as stored (after
+    --max-side), for every split's manifest; one extra decoding pass, skipped when the train split is
+    already converted."""
+    done = out / manifest_rel("train", fmt)
+    if done.exists():
+        return json.loads(done.read_text())["stats"]
+    chunks = [(c, opts.max_side) for c in np.array_split(np.arange(len(split)), min(len(split), 4 * opts.workers))]
+    if opts.workers > 1:
+        with multiprocessing.get_context("fork").Pool(opts.workers, _init_worker, (split,)) as pool:
+            parts = pool.map(_chunk_stats, chunks)
+    else:
+        _init_worker(split)
+        parts = [_chunk_stats(c) for c in chunks]
+    total, squares = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    count, sides = sum(p[2] for p in parts), [s for p in parts for s in p[3]]
+    if not count:
+        raise ConversionError(f"none of the {len(split)} train images is readable")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0))
+    return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+            "median_short_side": int(np.median(sides))}
+
+
+def _chunk_stats(task) -> tuple[np.ndarray, np.ndarray, int, list[int]]:
+    indices, max_side = task
+    total, squares, count, sides = np.zeros(3), np.zeros(3), 0, []
+    for i in indices:
+        try:
+            image = _WORKER_SPLIT.load(int(i)).image
+        except BadSample:  # reported (and skipped or stopped on) when the split is written
+            continue
+        px = np.asarray(image, np.float64).reshape(-1, 3) / 255
+        total += px.sum(0)
+        squares += np.square(px).sum(0)
+        count += len(px)
+        sides.append(round(min(image.size) * min(1.0, max_side / max(image.size))))
+    return total, squares, count, sides
 
 
 # ---------------------------------------------------------------- WebDataset
@@ -342,6 +391,8 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=d.frames, help="cifar10-dvs: frames per recording (T)")
     p.add_argument("--train-fraction", type=float, default=d.train_fraction, help="cifar10-dvs: per class")
     p.add_argument("--size", type=int, default=d.size, help="digits: image side")
+    p.add_argument("--no-verify-md5", dest="verify_md5", action="store_false",
+                   help="cifar100: accept pickles that are not the published files (made by you)")
     a = vars(p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

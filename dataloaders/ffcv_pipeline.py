@@ -128,7 +128,8 @@ class FfcvBackend:
                                  pipelines={field: decoders, "label": [IntDecoder(), ToTensor()]})
         self._epoch_iter = None
 
-    def batches(self, rows: np.ndarray, seeds: np.ndarray | None, epoch_key: int):
+    def batches(self, rows: np.ndarray, seeds: np.ndarray | None, epoch_key: int, reads: None):
+        """`reads` is always None: FFCV files are read by position (DataConfig refuses data.access=stream)."""
         if self._epoch_iter is not None:  # stop FFCV's thread of an abandoned epoch before starting another
             self._epoch_iter.close()
         if self.seeded is not None and self.seeded.key != epoch_key:

@@ -9,14 +9,19 @@
         state = loader.state_dict()     # store with the checkpoint; load_state_dict() resumes mid-epoch
     loader.seek(epoch, batches)         # the same position on another world size
 
-Every rank yields `len(loader)` batches per epoch (see `dataloaders.order` for the plan). Rows with label
--1 are zeros and carry no sample: eval padding on ranks that ran out of data, or a sample that failed to
-decode (logged, counted in `metrics()['data/decode_errors']`); use `ignore_index=-1` in the loss and mask
-them in accuracy counts. Train batches are always full; eval batches keep their size with padding rows.
-Workers hand over uint8 images; normalisation runs once per batch in the loader.
+Every rank yields `len(loader)` batches per epoch (see `dataloaders.order` for the plan, and
+`dataloaders.stream` for data.access=stream). Rows with label -1 are zeros and carry no sample: eval
+padding on ranks that ran out of data (train too in stream mode, which reads every sample once per epoch),
+or a sample that failed to decode (logged, counted in `metrics()['data/decode_errors']`); use
+`ignore_index=-1` in the loss and mask them in accuracy counts. With data.access=random train batches are
+always full (the epoch's remainder is dropped); eval batches keep their size with padding rows. Workers
+hand over uint8 images; normalisation runs once per batch in the loader.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -24,11 +29,14 @@ from dataloaders import transforms
 from dataloaders.config import DataConfig
 from dataloaders.manifest import is_remote, read_manifest, resolve
 from dataloaders.order import PAD, EpochPlan
+from dataloaders.stream import ShardStream, StreamPlan
+
+log = logging.getLogger(__name__)
 
 
 class Loader:
-    def __init__(self, plan: EpochPlan, backend, normalize):
-        self.plan, self.backend, self.normalize = plan, backend, normalize
+    def __init__(self, plan: EpochPlan, backend, normalize, classes: list[str]):
+        self.plan, self.backend, self.normalize, self.classes = plan, backend, normalize, classes
         self.epoch, self.batches_yielded, self.decode_errors = 0, 0, 0
 
     def __len__(self) -> int:
@@ -48,7 +56,7 @@ class Loader:
         epoch, start = self.epoch, self.batches_yielded
         rows = self.plan.rows(epoch)[start:]
         seeds = self.plan.seeds(epoch, rows)
-        batches = self.backend.batches(rows, seeds, self.plan.epoch_key(epoch))
+        batches = self.backend.batches(rows, seeds, self.plan.epoch_key(epoch), self.plan.reads(epoch))
         for k, (images, labels, bad) in enumerate(batches):
             self.decode_errors += bad
             images = self.normalize(images)
@@ -67,19 +75,29 @@ class Loader:
         global-batch samples of it whatever the number of ranks."""
         if not 0 <= batches < len(self):
             raise ValueError(f"cannot seek {batches} batches into an epoch of {len(self)}")
+        if isinstance(self.plan, StreamPlan) and batches:
+            log.warning("data.access=stream splits an epoch by world size: continuing %d batches into epoch %d "
+                        "on another world size may repeat or miss some of this epoch's samples", batches, epoch)
         self.epoch, self.batches_yielded = epoch, batches
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": self.plan.seed,
-                "world_size": self.plan.world_size, "decode_errors": self.decode_errors}
+        state = {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": self.plan.seed,
+                 "world_size": self.plan.world_size, "decode_errors": self.decode_errors, "access": self.access}
+        if isinstance(self.plan, StreamPlan):  # where this rank's reading restarts, for people and logs
+            state["stream"] = self.plan.position(self.epoch, self.batches_yielded)
+        return state
+
+    @property
+    def access(self) -> str:
+        return "stream" if isinstance(self.plan, StreamPlan) else "random"
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size"):
-            if state[key] != getattr(self.plan, key):
-                mine = getattr(self.plan, key)
-                raise ValueError(f"loader state has {key}={state[key]}, this loader {mine}: a mid-epoch "
-                                 "position only means the same thing with the same seed and world size "
-                                 "(start a fresh epoch with set_epoch instead)")
+        mine = {"seed": self.plan.seed, "world_size": self.plan.world_size, "access": self.access}
+        for key, value in mine.items():
+            if state.get(key, "random") != value:  # states saved before data.access existed are 'random'
+                raise ValueError(f"loader state has {key}={state.get(key, 'random')}, this loader {value}: a "
+                                 "mid-epoch position only means the same thing with the same seed, world size "
+                                 "and data.access (start a fresh epoch with set_epoch instead)")
         self.epoch, self.batches_yielded = state["epoch"], state["batches_yielded"]
         self.decode_errors = state.get("decode_errors", 0)
 
@@ -97,44 +115,55 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
     if manifest["dataset"] != cfg.dataset:
         raise ValueError(f"{cfg.path} holds {manifest['dataset']!r}, but data.dataset={cfg.dataset!r}")
     train = split == "train"
-    plan = EpochPlan(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train)
+    if cfg.access == "stream":
+        sizes = tuple(s["num_samples"] for s in manifest["shards"])
+        plan = StreamPlan(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train, sizes,
+                          cfg.shuffle_buffer)
+    else:
+        plan = EpochPlan(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train)
     stored = manifest["sample"]["shape"]
     shape = transforms.output_shape(cfg, stored, train)
-    side = stored[0] if stored else cfg.image_size
+    side = stored[0] if stored else manifest.get("stats", {}).get("median_short_side", cfg.image_size)
     if cfg.format == "wds":
         from dataloaders.wds_reader import ShardSet, WdsDataset
 
         augment = transforms.augment(cfg, train, side, cropped_by_decoder=False)
-        dataset = WdsDataset(ShardSet(cfg.path, manifest, cfg.cache_dir), manifest["sample"]["ext"], augment,
-                             shape)
-        return Loader(plan, _TorchBackend(dataset, cfg.num_workers), transforms.normalize(cfg))
+        shards = ShardSet(cfg.path, manifest, cfg.cache_dir)
+        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder)
+        stream = ShardStream(shards, cfg.retries, cfg.retry_backoff) if cfg.access == "stream" else None
+        return Loader(plan, _TorchBackend(dataset, cfg.num_workers, stream), transforms.normalize(cfg, manifest),
+                      manifest["classes"])
     if is_remote(cfg.path):
         raise ValueError(f"FFCV memory-maps local files; copy {cfg.path} to node-local storage first")
     from dataloaders.ffcv_pipeline import FfcvBackend
 
     augment = transforms.augment(cfg, train, side, cropped_by_decoder=True)
     backend = FfcvBackend(cfg, manifest, resolve(cfg.path, manifest["file"]), train, augment, shape)
-    return Loader(plan, backend, transforms.normalize(cfg))
+    return Loader(plan, backend, transforms.normalize(cfg, manifest), manifest["classes"])
 
 
 class _TorchBackend:
     """A torch DataLoader whose batch sampler serves the plan's remaining rows; its workers persist across
     epochs."""
 
-    def __init__(self, dataset, num_workers: int):
+    def __init__(self, dataset, num_workers: int, stream=None):
         import torch
 
         # The sampler is its own object: were it this backend, the DataLoader would sit in a reference
         # cycle and its workers would be shut down by the cyclic GC, which can close their queues first
         # and leave each join to time out.
-        self.rows = _Rows()
+        self.rows, self.stream = _Rows(), stream
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.rows, num_workers=num_workers,
                                                   persistent_workers=num_workers > 0,
                                                   pin_memory=torch.cuda.is_available())
 
-    def batches(self, rows: np.ndarray, seeds: np.ndarray | None, epoch_key: int):
-        self.rows.items = [[(int(p), None if seeds is None else int(s)) for p, s in
-                            zip(row, seeds[r] if seeds is not None else row)] for r, row in enumerate(rows)]
+    def batches(self, rows: np.ndarray, seeds: np.ndarray | None, epoch_key: int, reads: np.ndarray | None):
+        items = [[(int(p), None if seeds is None else int(s)) for p, s in
+                  zip(row, seeds[r] if seeds is not None else row)] for r, row in enumerate(rows)]
+        # Streaming: the sampler, in this process, reads the shards in order as the workers ask for batches
+        # (their prefetch is the read-ahead) and hands each item its bytes.
+        self.rows.count = len(items)
+        self.rows.items = items if reads is None else self.stream.items(items, reads)
         for images, labels, bad in self.loader:
             yield images, labels, int(bad.sum())
 
@@ -143,10 +172,11 @@ class _Rows:
     """Batch sampler protocol, run in the main process: lists of (position, seed) items."""
 
     def __init__(self):
-        self.items: list[list[tuple[int, int | None]]] = []
+        self.items: Iterable[list[tuple]] = []
+        self.count = 0
 
     def __iter__(self):
         return iter(self.items)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.count

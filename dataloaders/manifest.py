@@ -41,7 +41,9 @@ def open_remote(url: str):
         return gopen(url, "rb")
     import fsspec
 
-    return fsspec.open(url, "rb").open()
+    # block_size 0: one plain GET read front to back, no size probe or range requests
+    http = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
+    return fsspec.open(url, "rb", **http).open()
 
 
 def manifest_rel(split: str, fmt: str) -> str:

@@ -70,6 +70,10 @@ class EpochPlan:
             mine = np.concatenate([mine, np.full(n - len(mine), PAD)])
         return mine.astype(np.int64).reshape(self.num_batches, self.batch_size)
 
+    def reads(self, epoch: int) -> None:
+        """Random access reads by position, in any order (`StreamPlan` returns its file order)."""
+        return None
+
     def seeds(self, epoch: int, positions: np.ndarray) -> np.ndarray | None:
         """Per-sample augmentation seeds (uint32 as int64) for training; None for evaluation."""
         if not self.train:

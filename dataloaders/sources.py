@@ -1,4 +1,4 @@
-"""Raw data sets as indexable splits for `dataloaders.convert`: ImageNet-style folders, CIFAR-10 pickles,
+"""Raw data sets as indexable splits for `dataloaders.convert`: ImageNet-style folders, CIFAR-10/100 pickles,
 CIFAR10-DVS recordings and scikit-learn digits.
 
 A split lists its samples up front (sorted, so conversion is deterministic) and decodes one on request;
@@ -127,6 +127,13 @@ def cifar10_splits(src: str | Path) -> tuple[list[str], dict[str, ArraySplit]]:
     from dataloaders.cifar_format import read_cifar10
 
     classes, data = read_cifar10(src)
+    return classes, {k: _array_split(k, x, y) for k, (x, y) in data.items()}
+
+
+def cifar100_splits(src: str | Path, verify_md5: bool) -> tuple[list[str], dict[str, ArraySplit]]:
+    from dataloaders.cifar_format import read_cifar100
+
+    classes, data = read_cifar100(src, verify_md5)
     return classes, {k: _array_split(k, x, y) for k, (x, y) in data.items()}
 
 

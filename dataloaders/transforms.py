@@ -30,9 +30,11 @@ def seeded(augment, x: torch.Tensor, seed: int | None) -> torch.Tensor:
         return augment(x)
 
 
-def normalize(cfg: DataConfig):
+def normalize(cfg: DataConfig, manifest: dict):
     """Batch uint8 [N, 3, H, W] (uint16 counts [N, T, 2, H, W] for DVS) -> float32 ready for the model."""
     spec = get_dataset(cfg.dataset)
+    if spec.measured_stats:
+        return _Normalize(manifest["stats"]["mean"], manifest["stats"]["std"])
     if spec.mean is None:
         return functools.partial(torch.Tensor.to, dtype=torch.float32)
     return _Normalize(spec.mean, spec.std)

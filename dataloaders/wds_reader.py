@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
+from dataloaders.decoders import decode_lossless, get_decoder
 from dataloaders.manifest import fetch, is_remote, resolve
 from dataloaders.transforms import seeded
 
@@ -97,32 +97,34 @@ class ShardSet:
         return self.shards[k]["name"], {ext: os.pread(fd, n, off) for ext, (off, n) in members[j].items()}
 
 
-def decode(ext: str, data: bytes) -> torch.Tensor:
+def decode(ext: str, data: bytes, jpeg_decoder: str) -> torch.Tensor:
     """uint8 [3, H, W] image or uint16 [T, 2, 128, 128] event counts."""
     if ext == "npy.gz":
         return torch.from_numpy(np.load(io.BytesIO(gzip.decompress(data))))
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if ext == "jpg":
+        return get_decoder(jpeg_decoder)(data)
+    return decode_lossless(data)
 
 
 class WdsDataset(torch.utils.data.Dataset):
-    """Item (position, seed or None) -> (augmented uint8 sample, label, undecodable?); the loader normalises
-    whole batches. Position PAD gives a padding row; an undecodable sample is logged and returned as a
-    blank with label -1, so one bad JPEG never stops a run (the loader counts them)."""
+    """Item (position, seed or None[, shard name, sample]) -> (augmented uint8 sample, label, undecodable?);
+    the loader normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
+    and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them)."""
 
-    def __init__(self, shards: ShardSet, ext: str, augment, blank_shape):
-        self.shards, self.ext, self.augment = shards, ext, augment
+    def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str):
+        self.shards, self.ext, self.augment, self.jpeg_decoder = shards, ext, augment, jpeg_decoder
         self.blank = torch.zeros(blank_shape, dtype=torch.uint16 if ext == "npy.gz" else torch.uint8)
 
     def __len__(self) -> int:
         return len(self.shards)
 
     def __getitem__(self, item):
-        index, seed = item
+        index, seed, *streamed = item  # data.access=stream hands over (shard name, sample) read in order
         if index < 0:
             return self.blank, -1, False
-        shard, sample = self.shards.read(index)
+        shard, sample = streamed or self.shards.read(index)
         try:
-            x, label = decode(self.ext, sample[self.ext]), int(sample["cls"])
+            x, label = decode(self.ext, sample[self.ext], self.jpeg_decoder), int(sample["cls"])
             if self.augment is not None:
                 x = seeded(self.augment, x, seed)
             return x, label, False

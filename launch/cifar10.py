@@ -1,4 +1,4 @@
-"""MS-ResNet on CIFAR-10 (or the small digits set) with Ray Train, from the repository root:
+"""MS-ResNet on CIFAR-10 or CIFAR-100 (or the small digits set) with Ray Train, from the repository root:
 
     ray job submit -- python launch/cifar10.py --nodes 2 --data /mnt/cluster_storage/data/cifar10-wds
     ray job submit -- python launch/cifar10.py --nodes 2 --recipe ms_resnet110_cifar10 --run-name msr110-a
@@ -18,4 +18,4 @@ from launch.common import main  # noqa: E402
 
 if __name__ == "__main__":
     # The digits recipes are CIFAR-sized 10-class images: the quick stand-in for tests and the demo.
-    main("ms_resnet20_cifar10", datasets=("cifar10", "digits"))
+    main("ms_resnet20_cifar10", datasets=("cifar10", "cifar100", "digits"))

@@ -3,6 +3,7 @@
     ray job submit -- python launch/imagenet.py --nodes 4
     ray job submit --working-dir . -- python launch/imagenet.py --nodes 4 --recipe ms_resnet18_imagenet \\
         --data /mnt/cluster_storage/data/imagenet-wds --run-name msr18-a --set optim.epochs=90
+    ray job submit -- python launch/imagenet.py --nodes 1 --recipe ms_resnet18_folder --data /data/flowers-wds
     python launch/imagenet.py --nodes 1 ...      # no cluster running: starts a local one
 
 Resubmitting with the same --run-name resumes the run. Flags: --help; how they map onto Ray Train:
@@ -18,4 +19,4 @@ if not __package__:  # run as a file: the checkout need not be pip-installed on 
 from launch.common import main  # noqa: E402
 
 if __name__ == "__main__":
-    main("ms_resnet104_imagenet", datasets=("imagenet",))
+    main("ms_resnet104_imagenet", datasets=("imagenet", "folder"))

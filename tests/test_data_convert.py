@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dataloaders import DataConfig, build_loader, synthetic
+from dataloaders import DataConfig, build_loader, get_dataset, synthetic
 from dataloaders.aedat import EventFileError, events_to_frames, read_aedat, write_aedat
-from dataloaders.cifar_format import read_cifar10, write_cifar10
+from dataloaders.cifar_format import CIFAR100_MD5, read_cifar10, read_cifar100, write_cifar10, write_cifar100
 from dataloaders.convert import ConversionError, convert, main
 
 pytest_plugins = ["data_fixtures"]
@@ -42,6 +42,41 @@ def test_cifar10_pickles_round_trip_and_missing_files(tmp_path):
     (src / "data_batch_3").unlink()
     with pytest.raises(SystemExit, match="lacks data_batch_3"):
         main(["cifar10", "--src", str(src), "--out", str(tmp_path / "o2"), "--format", "wds"])
+
+
+def test_cifar100_official_format_fine_labels_and_md5(tmp_path):
+    """Pickles in the official cifar-100-python layout -> fine labels and images through the reader, the
+    converter and the loader; files that are not the published ones are refused unless declared home-made."""
+    rng = np.random.default_rng(0)
+    fine = [f"class{i:03d}" for i in range(100)]
+    train = rng.integers(0, 256, (120, 32, 32, 3), dtype=np.uint8), np.arange(120) % 100
+    test = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), (np.arange(30) * 7) % 100
+    src = write_cifar100(tmp_path, train, test, fine, [f"super{i}" for i in range(20)])
+    with pytest.raises(ValueError, match=f"md5 .* published file has {CIFAR100_MD5['train']}.*--no-verify-md5"):
+        read_cifar100(src)
+    classes, data = read_cifar100(src, verify_md5=False)
+    assert classes == fine
+    for split, (x, y) in (("train", train), ("test", test)):
+        assert np.array_equal(data[split][0], x) and np.array_equal(data[split][1], y)
+
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(src, arcname="cifar-100-python")
+    with pytest.raises(SystemExit, match="md5"):
+        main(["cifar100", "--src", str(archive), "--out", str(tmp_path / "refused"), "--format", "wds"])
+    main(["cifar100", "--src", str(archive), "--out", str(tmp_path / "wds"), "--format", "wds", "--no-verify-md5"])
+    manifest = json.loads((tmp_path / "wds" / "test" / "manifest.json").read_text())
+    assert manifest["dataset"] == "cifar100" and manifest["classes"] == fine and manifest["num_samples"] == 30
+    cfg = DataConfig(dataset="cifar100", path=str(tmp_path / "wds"), batch_size=30, num_workers=0)
+    images, labels = next(iter(build_loader(cfg, "test", 0, 1)))
+    assert labels.tolist() == test[1].tolist()
+    mean, std = torch.tensor(get_dataset("cifar100").mean), torch.tensor(get_dataset("cifar100").std)
+    pixels = ((images.permute(0, 2, 3, 1) * std + mean) * 255).round().to(torch.uint8)
+    assert torch.equal(pixels, torch.from_numpy(test[0]))  # lossless: eval has no augmentation
+
+    (src / "meta").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks meta"):
+        read_cifar100(src, verify_md5=False)
 
 
 def test_aedat_round_trip_and_frames(tmp_path):

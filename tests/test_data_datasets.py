@@ -11,10 +11,11 @@ from dataloaders import DataConfig, get_dataset, list_datasets
 from dataloaders.transforms import augment, normalize, output_shape
 
 
-def test_the_four_datasets_are_registered_by_both_names():
-    assert list_datasets() == ["cifar10", "cifar10dvs", "digits", "imagenet"]
+def test_the_datasets_are_registered_by_both_names():
+    assert list_datasets() == ["cifar10", "cifar100", "cifar10dvs", "digits", "folder", "imagenet"]
     assert get_dataset("cifar10-dvs") is get_dataset("cifar10dvs")
-    assert [get_dataset(d).cli_name for d in list_datasets()] == ["cifar10", "cifar10-dvs", "digits", "imagenet"]
+    assert [get_dataset(d).cli_name for d in list_datasets()] == ["cifar10", "cifar100", "cifar10-dvs", "digits",
+                                                                  "folder", "imagenet"]
     with pytest.raises(KeyError, match="unknown dataset 'mnist'"):
         get_dataset("mnist")
     with pytest.raises(ValueError, match="expected one of"):
@@ -35,6 +36,6 @@ def test_each_module_decides_augmentation_normalisation_and_shape():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     spec = get_dataset("digits")
     expected = (x.float() / 255 - torch.tensor(spec.mean).view(3, 1, 1)) / torch.tensor(spec.std).view(3, 1, 1)
-    assert torch.allclose(normalize(digits)(x), expected, atol=1e-5)
+    assert torch.allclose(normalize(digits, {})(x), expected, atol=1e-5)
     counts = torch.randint(0, 9, (2, 20, 2, 8, 8), dtype=torch.int32).to(torch.uint16)
-    assert torch.equal(normalize(DataConfig(dataset="cifar10dvs"))(counts), counts.float())
+    assert torch.equal(normalize(DataConfig(dataset="cifar10dvs"), {})(counts), counts.float())

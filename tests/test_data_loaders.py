@@ -89,7 +89,8 @@ def test_imagenet_read_back(fmt, write_mode, round_trip_src, tmp_path):
 
 def _ranks(loader: Loader, world: int) -> list[Loader]:
     """The same loader for every rank of `world`, sharing one reader (FFCV compiles once per reader)."""
-    return [Loader(dataclasses.replace(loader.plan, rank=r, world_size=world), loader.backend, loader.normalize)
+    return [Loader(dataclasses.replace(loader.plan, rank=r, world_size=world), loader.backend, loader.normalize,
+                   loader.classes)
             for r in range(world)]
 
 

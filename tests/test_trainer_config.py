@@ -13,7 +13,7 @@ from trainer.recipes import get_recipe, list_recipes
 from trainer.wrap import lr_lambda
 
 EXPECTED_RECIPES = {"ms_resnet18_imagenet", "ms_resnet34_imagenet", "ms_resnet104_imagenet",
-                    *(f"ms_resnet{d}_cifar10" for d in (20, 32, 44, 56, 110, 482)),
+                    *(f"ms_resnet{d}_{ds}" for d in (20, 32, 44, 56, 110, 482) for ds in ("cifar10", "cifar100")),
                     "ms_resnet20_cifar10dvs", "digits_tiny", "digits_demo"}
 
 
@@ -39,6 +39,13 @@ def test_imagenet_recipes_match_the_authors_script(depth, wd):
     assert cfg.model.T == 6 and cfg.model.num_classes == 1000
     assert cfg.engine.precision == "bf16" and cfg.engine.sync_bn
     assert cfg.data.auto_augment and not cfg.data.hflip
+
+
+def test_cifar100_recipes_are_the_cifar10_setup_with_a_100_class_head():
+    for depth in (20, 482):
+        c10, c100 = get_recipe(f"ms_resnet{depth}_cifar10"), get_recipe(f"ms_resnet{depth}_cifar100")
+        assert (c100.model.num_classes, c100.data.dataset, c100.data.path) == (100, "cifar100", "data/cifar100")
+        assert c100.model.name == c10.model.name == f"ms_resnet{depth}" and c100.optim == c10.optim
 
 
 def test_overrides_parse_values_and_create_dict_keys():

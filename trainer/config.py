@@ -26,6 +26,7 @@ from dataloaders.config import DataConfig
 class ModelConfig:
     name: str = "ms_resnet20"
     num_classes: int = 10
+    """0: as many as the converted train split's classes (the trainer reads its manifest)."""
     T: int = 6
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra `create_model` arguments (widths, dropout, decay, v_th, lens, in_channels, ...)."""

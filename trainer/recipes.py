@@ -3,10 +3,10 @@
 The ImageNet recipes reproduce the authors' released script (spec §3.1): SGD momentum 0.9, lr 0.1 for a
 global batch of 256, cosine to 0 over 125 epochs, label smoothing 0.1, T = 6, SyncBN, mixed precision,
 RandomResizedCrop + AutoAugment without flip, weight decay 1e-5 for 18/34 (README erratum) and 1e-4 for
-104. The CIFAR-10 recipes follow the author's TNNLS answer (spec §3.2: batch 200 / lr 0.2, crop + flip,
-wd 1e-4); their epoch count and T are not published, the values below are the spec's plausible
-defaults. CIFAR10-DVS keeps the PLIF data pipeline (T = 20 frames, 128 px); the paper's optimiser
-settings for it are not published either, so an SGD analogue is used.
+104. The CIFAR-10 and CIFAR-100 recipes (the depth family 20..482) follow the author's TNNLS answer
+(spec §3.2: batch 200 / lr 0.2, crop + flip, wd 1e-4); their epoch count and T are not published, the
+values below are the spec's plausible defaults. CIFAR10-DVS keeps the PLIF data pipeline (T = 20 frames,
+128 px); the paper's optimiser settings for it are not published either, so an SGD analogue is used.
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ def ms_resnet104_imagenet() -> TrainConfig:
     return _imagenet(104, 1e-4)
 
 
-def _cifar10(depth: int) -> TrainConfig:
+def _cifar(depth: int, dataset: str = "cifar10") -> TrainConfig:
     return TrainConfig(
-        model=ModelConfig(name=f"ms_resnet{depth}", num_classes=10, T=6),
-        data=DataConfig(dataset="cifar10", format="wds", path="data/cifar10", batch_size=50, num_workers=4,
+        model=ModelConfig(name=f"ms_resnet{depth}", num_classes=100 if dataset == "cifar100" else 10, T=6),
+        data=DataConfig(dataset=dataset, format="wds", path=f"data/{dataset}", batch_size=50, num_workers=4,
                         image_size=32),
         optim=OptimConfig(global_batch=200, lr=0.2, momentum=0.9, weight_decay=1e-4, epochs=200,
                           schedule="cosine"),
@@ -91,32 +91,49 @@ def _cifar10(depth: int) -> TrainConfig:
 
 @recipe
 def ms_resnet20_cifar10() -> TrainConfig:
-    return _cifar10(20)
+    return _cifar(20)
 
 
 @recipe
 def ms_resnet32_cifar10() -> TrainConfig:
-    return _cifar10(32)
+    return _cifar(32)
 
 
 @recipe
 def ms_resnet44_cifar10() -> TrainConfig:
-    return _cifar10(44)
+    return _cifar(44)
 
 
 @recipe
 def ms_resnet56_cifar10() -> TrainConfig:
-    return _cifar10(56)
+    return _cifar(56)
 
 
 @recipe
 def ms_resnet110_cifar10() -> TrainConfig:
-    return _cifar10(110)
+    return _cifar(110)
 
 
 @recipe
 def ms_resnet482_cifar10() -> TrainConfig:
-    return _cifar10(482)
+    return _cifar(482)
+
+
+# Spec §3.2 gives one CIFAR setup for both data sets; only the head differs.
+for _depth in (20, 32, 44, 56, 110, 482):
+    _RECIPES[f"ms_resnet{_depth}_cifar100"] = lambda depth=_depth: _cifar(depth, "cifar100")
+
+
+@recipe
+def ms_resnet18_folder() -> TrainConfig:
+    """Any converted image folder (`python -m dataloaders.convert folder`): the ImageNet-18 setup with the
+    head sized from the manifest's classes, the normalisation measured at conversion, augmentation by image
+    size and a flip. Run it with `python launch/imagenet.py --recipe ms_resnet18_folder --data DIR`; for
+    small images add `--set data.image_size=32 data.val_crop=32`."""
+    cfg = _imagenet(18, 1e-5)
+    cfg.model.num_classes = 0
+    cfg.data.dataset, cfg.data.path, cfg.data.auto_augment, cfg.data.hflip = "folder", "data/folder", False, True
+    return cfg
 
 
 @recipe

@@ -57,10 +57,12 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg, self.world, self.device.type == "cuda")
         self.accum = self.ds_config["gradient_accumulation_steps"]
 
-        seed_all(cfg.engine.seed)  # identical initial weights on every rank
-        model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T, **cfg.model.kwargs)
         self.train_loader = build_loader(cfg.data, "train", self.rank, self.world)
         self.val_loader = build_loader(cfg.data, "val", self.rank, self.world)
+        if not cfg.model.num_classes:  # the recipe leaves the head to the data set (`folder`)
+            cfg.model.num_classes = len(self.train_loader.classes)
+        seed_all(cfg.engine.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T, **cfg.model.kwargs)
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"one epoch has {len(self.train_loader)} micro-batches per rank, fewer than the "

@@ -33,6 +33,9 @@ class Dataset:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     """Per-channel statistics of 0..1 pixels; None: samples are event counts, only cast to float."""
+    measured_stats: bool = False
+    """The statistics are measured on the train split at conversion and read from the manifest (`stats`);
+    the stored side passed to `augment` is then the train images' median short side."""
     needs_src: bool = True
     """False for data sets generated on the fly (no raw download to point --src at)."""
     decoder_crops: bool = False

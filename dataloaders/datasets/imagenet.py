@@ -30,10 +30,10 @@ def _augment(cfg, train: bool, side: int, cropped_by_decoder: bool) -> list:
     return ops + ([v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)] if cfg.auto_augment else [])
 
 
-def _shape(cfg, stored, train: bool) -> tuple[int, ...]:
+def crop_shape(cfg, stored, train: bool) -> tuple[int, ...]:
     side = cfg.image_size if train else cfg.val_crop
     return 3, side, side
 
 
-DATASET = Dataset(name="imagenet", cli_name="imagenet", read=_read, augment=_augment, sample_shape=_shape, mean=MEAN,
-                  std=STD, decoder_crops=True)
+DATASET = Dataset(name="imagenet", cli_name="imagenet", read=_read, augment=_augment, sample_shape=crop_shape,
+                  mean=MEAN, std=STD, decoder_crops=True)
