@@ -54,7 +54,7 @@ def run_row(recipe: str, precision: str, every: int, batch: int, steps: int) -> 
 
     def step():
         with autocast(device, precision):
-            logits = engine(model_input(x, device, precision))
+            logits = engine(model_input(x, device, precision, time_first=False))
         loss = F.cross_entropy(logits.float(), y)
         engine.backward(loss)
         engine.step()

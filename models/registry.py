@@ -35,6 +35,10 @@ def create_model(name: str, **kwargs) -> SpikingResNet:
     return _REGISTRY[name](**kwargs)
 
 
+FAMILIES = {"ms": "ms_resnet", "spiking": "spiking_resnet", "sew": "sew_resnet"}
+"""Block family -> model-name prefix (`ms_resnet104`, `sew_resnet20_dvs`, ...)."""
+
+
 def _imagenet(family: str, depth: int, **kw) -> SpikingResNet:
     # Stage 1 is strided because the stem's max-pool is never applied in the authors' code (spec §6.4).
     kw.setdefault("num_classes", 1000)
@@ -62,7 +66,7 @@ def _register_all() -> None:
     def bind(builder, family, depth):
         return lambda **kw: builder(family, depth, **kw)
 
-    for family, prefix in (("ms", "ms_resnet"), ("spiking", "spiking_resnet"), ("sew", "sew_resnet")):
+    for family, prefix in FAMILIES.items():
         for depth in IMAGENET_LAYERS:
             if family == "ms" or depth != 104:
                 register_model(f"{prefix}{depth}", bind(_imagenet, family, depth))

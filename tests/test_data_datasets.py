@@ -39,3 +39,21 @@ def test_each_module_decides_augmentation_normalisation_and_shape():
     assert torch.allclose(normalize(digits, {})(x), expected, atol=1e-5)
     counts = torch.randint(0, 9, (2, 20, 2, 8, 8), dtype=torch.int32).to(torch.uint16)
     assert torch.equal(normalize(DataConfig(dataset="cifar10dvs"), {})(counts), counts.float())
+
+
+def test_sequence_data_goes_to_the_model_time_first():
+    from models import create_model
+    from trainer.evaluate import evaluate
+    from trainer.precision import model_input
+
+    assert [d for d in list_datasets() if get_dataset(d).time_first] == ["cifar10dvs"]
+    batch = torch.arange(2 * 3 * 2 * 4 * 4, dtype=torch.float32).view(2, 3, 2, 4, 4)  # [N, T, C, H, W]
+    assert torch.equal(model_input(batch, torch.device("cpu"), "fp32", True), batch.transpose(0, 1))
+    assert torch.equal(model_input(batch[:, 0], torch.device("cpu"), "fp32", False), batch[:, 0])
+    # Evaluation drops padding rows along the batch axis of the time-first tensor.
+    torch.manual_seed(0)
+    model = create_model("ms_resnet20_dvs", num_classes=10, T=3, in_channels=2, widths=[4, 8, 8])
+    x, y = torch.rand(4, 3, 2, 32, 32), torch.tensor([1, -1, 2, 3])
+    got = evaluate(model, [(x, y)], torch.device("cpu"), spikes=False, time_first=True)
+    alone = evaluate(model, [(x[[0, 2, 3]], y[[0, 2, 3]])], torch.device("cpu"), spikes=False, time_first=True)
+    assert got["val/samples"] == 3 and got == alone

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataloaders import build_loader
+from dataloaders.datasets import get_dataset
 from models.stats import SpikeMonitor
 from trainer.config import TrainConfig, apply_overrides, from_dict, load_config
 from trainer.export import load_exported
@@ -30,20 +31,21 @@ from trainer.precision import autocast, model_input
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
-             spikes: bool = True) -> dict[str, float]:
+             spikes: bool = True, time_first: bool = False) -> dict[str, float]:
+    """`time_first`: the data set's flag (`dataloaders.get_dataset(name).time_first`)."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, samples, summed loss
     monitor = SpikeMonitor(model) if spikes else nullcontext()
     with monitor:
         for x, y in loader:
-            x, y = model_input(x, device, precision), y.to(device)
+            x, y = model_input(x, device, precision, time_first), y.to(device)
             # Padding rows (label -1) are dropped before the model sees them, so they count neither in
             # accuracy nor in the spike and energy statistics (eval-mode BN makes this exact).
             keep = y >= 0
             if not keep.any():
                 continue
-            x, y = (x[keep] if x.dim() == 4 else x[:, keep]), y[keep]
+            x, y = (x[:, keep] if time_first else x[keep]), y[keep]
             with autocast(device, precision):
                 logits = model(x).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     apply_overrides(cfg, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = build_loader(cfg.data, args.split, 0, 1)
-    metrics = evaluate(model.to(device), loader, device, cfg.engine.precision)
+    metrics = evaluate(model.to(device), loader, device, cfg.engine.precision,
+                       time_first=get_dataset(cfg.data.dataset).time_first)
     print(json.dumps({"model": str(args.model), "step": blob.get("step"), **metrics}))
 
 

@@ -14,8 +14,9 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def model_input(x: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
-    """Batch as the model takes it: time first ([N, T, C, H, W] event data -> [T, N, ...]), on the
-    device, and in half precision for fp16 (DeepSpeed casts the model there, not its inputs)."""
-    x = x.transpose(0, 1) if x.dim() == 5 else x
+def model_input(x: torch.Tensor, device: torch.device, precision: str, time_first: bool) -> torch.Tensor:
+    """Batch as the model takes it: time first for sequence data (the dataset's `time_first`: [N, T, C, H, W]
+    -> [T, N, ...]), on the device, and in half precision for fp16 (DeepSpeed casts the model there, not its
+    inputs)."""
+    x = x.transpose(0, 1) if time_first else x
     return x.to(device, dtype=torch.half if precision == "fp16" else None, non_blocking=True)

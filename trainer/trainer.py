@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataloaders import build_loader
+from dataloaders.datasets import get_dataset
 from models import create_model
 from models.grad_norms import BlockGradNorms
 from trainer.checkpoint import CheckpointManager, CheckpointMeta, Progress, best_checkpoint, step_dir_name
@@ -58,6 +59,7 @@ class Trainer:
         self.accum = self.ds_config["gradient_accumulation_steps"]
 
         self.train_loader = build_loader(cfg.data, "train", self.rank, self.world)
+        self.time_first = get_dataset(cfg.data.dataset).time_first
         self.val_loader = build_loader(cfg.data, "val", self.rank, self.world)
         if not cfg.model.num_classes:  # the recipe leaves the head to the data set (`folder`)
             cfg.model.num_classes = len(self.train_loader.classes)
@@ -130,7 +132,8 @@ class Trainer:
         logging = (p.step + 1) % cfg.log_every == 0 or p.step + 1 == self.end
         done = 0
         for x, y in micro_batches:
-            x, y = model_input(x, self.device, cfg.engine.precision), y.to(self.device, non_blocking=True)
+            x = model_input(x, self.device, cfg.engine.precision, self.time_first)
+            y = y.to(self.device, non_blocking=True)
             with self.grad_norms if logging and done == self.accum - 1 else nullcontext():
                 with autocast(self.device, cfg.engine.precision):
                     logits = self.engine(x)
@@ -180,7 +183,8 @@ class Trainer:
         """Collective: the full validation set; returns its top-1."""
         p = self.progress
         self.evaluated_at = p.step
-        self.last_val = evaluate(self.engine.module, self.val_loader, self.device, self.cfg.engine.precision)
+        self.last_val = evaluate(self.engine.module, self.val_loader, self.device, self.cfg.engine.precision,
+                                 time_first=self.time_first)
         p.best_top1 = max(p.best_top1 or 0.0, self.last_val["val/top1"])
         self._log({**self.last_val, "val/best_top1": p.best_top1})
         if self.rank == 0:
@@ -230,7 +234,7 @@ class Trainer:
         input example; `model.pt` (the final weights) also stays in the run directory for trainer.evaluate."""
         x, _ = next(iter(self.val_loader))
         example = self.run_dir / "input_example.npy"
-        np.save(example, model_input(x[:1], torch.device("cpu"), "fp32").float().numpy())
+        np.save(example, model_input(x[:1], torch.device("cpu"), "fp32", self.time_first).float().numpy())
         best = best_checkpoint(self.checkpoints.root) or final
         for name, step_dir, file in (("final", final, "model.pt"), ("best", best, "model_best.pt")):
             self.logger.log_model(name, export(step_dir, self.run_dir / file), example, self.run_dir / "config.yaml")

@@ -40,6 +40,9 @@ class Dataset:
     """False for data sets generated on the fly (no raw download to point --src at)."""
     decoder_crops: bool = False
     """FFCV decodes stored images of varying size with a cropping decoder (ImageNet)."""
+    time_first: bool = False
+    """A loaded sample is a sequence [T, C, H, W] (event frames): batches [N, T, ...] go to the model time
+    first, [T, N, ...]. Static images are [C, H, W] and the model repeats them over T itself."""
 
 
 @functools.cache

@@ -16,4 +16,4 @@ def _read(src, opts):
 DATASET = Dataset(name="cifar10dvs", cli_name="cifar10-dvs",
                   read=_read,
                   augment=lambda cfg, train, side, cropped: [],
-                  sample_shape=lambda cfg, stored, train: tuple(stored))
+                  sample_shape=lambda cfg, stored, train: tuple(stored), time_first=True)
