@@ -21,12 +21,21 @@ def test_step_and_eval_lines():
         "eval step 84/252 (epoch 2/6) | top-1 55.0 % | top-5 91.3 % | loss 1.201 | best 61.0 %"
 
 
-def test_metrics_file_appends_one_json_object_per_line(tmp_path):
+def test_metrics_file_appends_each_step_once(tmp_path):
     f = MetricsFile(tmp_path / "metrics.jsonl")
     f.write(4, TRAIN)
     f.write(8, VAL)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 4, **TRAIN}, {"step": 8, **VAL}]
+    # A resume from step 4 logs steps 8 and 12 again: step 8's validation metrics are not written twice, a
+    # line cut short by a crash is skipped, and the new step goes in.
+    with open(tmp_path / "metrics.jsonl", "a") as torn:
+        torn.write('{"step": 12, "train/lo')
+    resumed = MetricsFile(tmp_path / "metrics.jsonl")
+    resumed.write(8, VAL)
+    resumed.write(12, VAL)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and lines[2] == '{"step": 12, "train/lo' and json.loads(lines[3]) == {"step": 12, **VAL}
 
 
 def test_ui_links_open_the_model_training_view():

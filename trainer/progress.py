@@ -39,11 +39,28 @@ def eval_line(step: int, total: int, steps_per_epoch: int, metrics: dict[str, fl
 
 
 class MetricsFile:
-    """Append-only JSON lines; a line is written whole and flushed, so a crash loses at most the last one."""
+    """Append-only JSON lines, one per logging call, each written whole and flushed. Like the MLflow logger
+    it writes a (key, step) once: a resumed run recomputes the steps after its checkpoint, and those
+    already in the file are not written again. A line cut short by a crash is ignored when reading back."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._last_step: dict[str, int] = {}
+        text = path.read_text() if path.is_file() else ""
+        self._torn = bool(text) and not text.endswith("\n")  # the next line must not continue it
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for key in row.keys() - {"step"}:
+                self._last_step[key] = max(row["step"], self._last_step.get(key, -1))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        new = {k: v for k, v in metrics.items() if step > self._last_step.get(k, -1)}
+        if not new:
+            return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write("\n" * self._torn + json.dumps({"step": step, **new}) + "\n")
+        self._torn = False
+        self._last_step.update(dict.fromkeys(new, step))

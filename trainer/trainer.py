@@ -38,6 +38,7 @@ from trainer.metrics import TrainWindow, peak_memory_gib
 from trainer.precision import autocast, model_input
 from trainer.progress import MetricsFile, eval_line, step_line
 from trainer.run_info import flat_params, source_tags
+from trainer.set_aside import set_aside
 from trainer.wrap import wrap
 
 Report = Callable[[dict[str, float], str], None]
@@ -85,7 +86,11 @@ class Trainer:
         self.window = TrainWindow(self.device)
         # Hooks only inside `with`, on the last micro-batch of logging steps.
         self.grad_norms = BlockGradNorms(self.engine)
-        self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl") if self.rank == 0 else None
+        self.metrics_file = None
+        if self.rank == 0:
+            if self.resumed_from is None:  # a fresh start's steps are not those of an earlier attempt
+                set_aside(self.run_dir / "metrics.jsonl")
+            self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
         self.logger = self._start_record() if self.rank == 0 else None
 
     def fit(self) -> dict[str, Any]:
