@@ -102,15 +102,11 @@ def test_runs_logged_models_and_the_ui(tmp_path, tmp_path_factory, capfd):
             assert torch.equal(logits, exported.eval()(torch.from_numpy(np.load(example))))
 
         # trainer.evaluate takes the URI (config from the logged model) and agrees with the file.
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        try:
-            capfd.readouterr()
-            evaluate_main([f"models:/{final.model_id}"])
-            by_uri = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
-            evaluate_main([str(run_dir / "model.pt")])
-            by_file = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
-        finally:
-            del os.environ["MLFLOW_TRACKING_URI"]
+        capfd.readouterr()
+        evaluate_main([f"models:/{final.model_id}", "--tracking-uri", uri])
+        by_uri = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+        evaluate_main([str(run_dir / "model.pt")])
+        by_file = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
         assert by_uri["val/top1"] == by_file["val/top1"] and by_uri["step"] == by_file["step"] == 8
 
         # What a person sees: the links the demo prints, rendered by a real browser. The runs table lists

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -74,16 +75,18 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a file written by python -m trainer.export, or an MLflow logged model "
-                                 "(models:/MODEL_ID, runs:/RUN_ID/final, ...; MLFLOW_TRACKING_URI names the server)")
+                                 "(models:/MODEL_ID, runs:/RUN_ID/final, ...)")
     p.add_argument("--config", help="training config (default: config.yaml next to the model file, or the "
                                     "one logged with the model)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--split", default="val")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow server or store of a models:/ or runs:/ URI (default: $MLFLOW_TRACKING_URI)")
     args = p.parse_args(argv)
     if args.model.startswith(("models:/", "runs:/")):
         from trainer.logged_model import load_logged_model  # mlflow loads only for a URI
 
-        model, logged_config, blob = load_logged_model(args.model)
+        model, logged_config, blob = load_logged_model(args.model, args.tracking_uri)
         cfg: TrainConfig = load_config(args.config) if args.config else from_dict(TrainConfig, logged_config)
     else:
         cfg = load_config(args.config or Path(args.model).parent / "config.yaml")

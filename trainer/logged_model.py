@@ -50,9 +50,11 @@ def log_exported_model(run_id: str, name: str, model_file: str | Path, example_f
     return info.model_id
 
 
-def load_logged_model(uri: str) -> tuple[nn.Module, dict, dict]:
+def load_logged_model(uri: str, tracking_uri: str | None = None) -> tuple[nn.Module, dict, dict]:
     """(eval-mode module, the training config as a dict, {step, epoch, metrics}) for a `models:/...` or
-    `runs:/...` URI."""
+    `runs:/...` URI, looked up in `tracking_uri` (None: MLflow's current tracking URI)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         model = mlflow.pytorch.load_model(uri, dst_path=tmp)
         config = yaml.safe_load((Path(tmp) / CONFIG_FILE).read_text())
