@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from models.hooks import HookContext
 from models.protocol import SpikingNetwork
 
 
@@ -37,12 +38,12 @@ def unwrap(model: nn.Module) -> SpikingNetwork:
     return inner
 
 
-class BlockGradNorms:
+class BlockGradNorms(HookContext):
     def __init__(self, model: nn.Module):
         net = unwrap(model)
         self.blocks: nn.ModuleList = net.blocks
         self.block_stage: list[int] = list(net.block_stage)
-        self._handles: list = []  # module hooks, and the tensor hooks of this context's forwards
+        super().__init__()
         self._norms: dict[int, list[torch.Tensor]] = defaultdict(list)
 
     def __enter__(self) -> BlockGradNorms:
@@ -50,11 +51,6 @@ class BlockGradNorms:
         for b, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(self._hook_input(b)))
         return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _hook_input(self, b: int):
         def record(grad: torch.Tensor) -> None:

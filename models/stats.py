@@ -18,6 +18,7 @@ from collections import defaultdict
 
 from torch import nn
 
+from models.hooks import HookContext
 from models.neuron import LIF
 from models.protocol import SpikingNetwork
 
@@ -31,10 +32,10 @@ def _macs_per_output(layer: nn.Module) -> int:
     return layer.in_features
 
 
-class SpikeMonitor:
+class SpikeMonitor(HookContext):
     def __init__(self, model: nn.Module):
         self.model = model
-        self._handles: list = []
+        super().__init__()
         self.reset()
 
     def reset(self) -> None:
@@ -54,11 +55,6 @@ class SpikeMonitor:
             elif isinstance(mod, nn.Conv2d | nn.Linear):
                 self._handles.append(mod.register_forward_hook(self._synapse_hook(name)))
         return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _count_images(self, module, args) -> None:
         x = args[0]
