@@ -22,13 +22,15 @@ def test_numbers_in_any_notation_reach_typed_fields():
     cfg = get_recipe("digits_tiny")
     apply_overrides(cfg, ["optim.weight_decay=1e-4", "optim.lr=.5", "optim.max_steps=1e6", "optim.epochs=5E1",
                           "model.kwargs.dropout=1e-1", "model.kwargs.widths=[4, 8]", "engine.sync_bn=False",
-                          "mlflow.experiment=null", "run_name=007", "data.path=1e3"])
+                          "mlflow.experiment=null", "mlflow.tracking_uri=None", "checkpoint.resume=~",
+                          "run_name=007", "data.path=1e3"])
     assert cfg.optim.weight_decay == 1e-4 and isinstance(cfg.optim.weight_decay, float)
     assert cfg.optim.lr == 0.5
     assert cfg.optim.max_steps == 1_000_000 and type(cfg.optim.max_steps) is int
     assert cfg.optim.epochs == 50 and type(cfg.optim.epochs) is int
     assert cfg.model.kwargs == {**get_recipe("digits_tiny").model.kwargs, "dropout": 0.1, "widths": [4, 8]}
     assert cfg.engine.sync_bn is False and cfg.mlflow.experiment is None
+    assert cfg.mlflow.tracking_uri is None and cfg.checkpoint.resume is None
     # a string field keeps the text as typed
     assert cfg.run_name == "007" and cfg.data.path == "1e3"
 

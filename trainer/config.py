@@ -306,10 +306,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             raise KeyError(f"override {key!r} names a section; set one of its keys instead, e.g. "
                            f"{config_keys(getattr(node, last), key + '.')[0]}=...")
         value = parse_value(raw)
-        if _is_text(hint) and not (value is None and raw.strip().lower() in _NULL):
+        if raw.strip().lower() in _NULL and type(None) in typing.get_args(hint):
+            value = None  # null, None or ~ for an optional field, whatever its other type
+        elif _is_text(hint):
             value = raw.strip()
-        elif isinstance(value, str) and value.lower() in _NULL:
-            value = None
         setattr(node, last, _coerce(value, hint, key))
         if hasattr(node, "__post_init__"):
             node.__post_init__()  # the section's own validation
