@@ -5,9 +5,11 @@ CIFAR-10 (`cifar-10-batches-py`): five pickled training batches `data_batch_1..5
 image), 'labels', 'filenames' and 'batch_label'.
 CIFAR-100 (`cifar-100-python`): one `train` and one `test` pickle of the same layout with 'fine_labels'
 and 'coarse_labels' instead of 'labels', and `meta` with 'fine_label_names' and 'coarse_label_names'. We
-train on the 100 fine labels. The published files have fixed md5 sums, checked on read unless the files
-are declared home-made (`verify_md5=False`), so a corrupted download fails at conversion, not as noise.
-The originals were pickled by Python 2 and load with encoding='latin1'; so do ours.
+train on the 100 fine labels. The published files of both have fixed md5 sums, checked on read before
+anything is unpickled unless the files are declared home-made (`verify_md5=False`), so a corrupted or
+substituted download fails at conversion, not as noise or as code run by the unpickler. Home-made files
+are unpickled with only the numpy globals an array needs. The originals were pickled by Python 2 and load
+with encoding='latin1'; so do ours.
 """
 
 from __future__ import annotations
@@ -23,10 +25,33 @@ import numpy as np
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 FILES = (*TRAIN_FILES, "test_batch", "batches.meta")
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+               "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+               "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+               "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
+"""md5 of the files in the published cifar-10-python.tar.gz (md5 c58f30108f718f92721af3b95e74349a)."""
 CIFAR100_FILES = ("train", "test", "meta")
 CIFAR100_MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
                 "meta": "7973b15100ade9c7d40fb424638fde48"}
 """md5 of the files in the published cifar-100-python.tar.gz (md5 eb9058c3a382ffc7106e4002c42a8d85)."""
+
+
+MAX_FILE_BYTES = 1 << 28
+"""The biggest batch file read (CIFAR-100's train pickle is 155 MB): a bigger archive member is not a CIFAR
+file, and reading it (a gzip bomb inflates without bound) is refused before it fills memory."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Only what a pickled dict of lists and numpy arrays names; anything else (os.system, ...) is refused."""
+
+    # _codecs.encode: how protocol 2 stores bytes; 'scalar': numpy scalars. Both only build values.
+    _ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    _ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR pickle holds only arrays")
+        return super().find_class(module, name)
 
 
 def _load_pickles(src: Path, files: tuple[str, ...], what: str, md5: dict[str, str] | None = None) -> dict:
@@ -39,8 +64,11 @@ def _load_pickles(src: Path, files: tuple[str, ...], what: str, md5: dict[str, s
     else:
         try:
             with tarfile.open(src, "r:*") as tf:
-                members = {Path(m.name).name: tf.extractfile(m).read() for m in tf.getmembers()
-                           if m.isfile() and Path(m.name).name in files}
+                wanted = [m for m in tf.getmembers() if m.isfile() and Path(m.name).name in files]
+                for m in wanted:
+                    if m.size > MAX_FILE_BYTES:
+                        raise ValueError(f"{src}: {m.name} is {m.size} bytes, more than any {what} file")
+                members = {Path(m.name).name: tf.extractfile(m).read() for m in wanted}
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ValueError(f"{src}: cannot read the {what} archive ({e}); it is truncated or not a "
                              f"{what} python archive; download it again or pass the extracted folder") from e
@@ -57,7 +85,7 @@ def _load_pickles(src: Path, files: tuple[str, ...], what: str, md5: dict[str, s
     batches = {}
     for name in files:
         try:
-            batches[name] = pickle.load(io.BytesIO(members[name]), encoding="latin1")
+            batches[name] = _ArrayUnpickler(io.BytesIO(members[name]), encoding="latin1").load()
         except Exception as e:  # any unpickling failure means the same thing to the user
             raise ValueError(f"{src / name} is not a {what} pickle ({type(e).__name__}: {e})") from e
     return batches
@@ -69,9 +97,10 @@ def _images_labels(batches: list[dict], key: str) -> tuple[np.ndarray, np.ndarra
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
-def read_cifar10(src: str | Path) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def read_cifar10(src: str | Path, verify_md5: bool = True
+                 ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(class names, {'train': (uint8 [50000, 32, 32, 3], int64 labels), 'test': (...)})."""
-    b = _load_pickles(Path(src), FILES, "CIFAR-10")
+    b = _load_pickles(Path(src), FILES, "CIFAR-10", CIFAR10_MD5 if verify_md5 else None)
     return list(b["batches.meta"]["label_names"]), {
         "train": _images_labels([b[n] for n in TRAIN_FILES], "labels"),
         "test": _images_labels([b["test_batch"]], "labels")}

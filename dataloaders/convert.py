@@ -14,8 +14,9 @@
 
 Inputs: ImageNet-style `src/{train,val}/<wnid>/*.JPEG`; for `folder` any tree `src/{train,val}/<class>/*`
 (any number of classes, any format PIL reads; its mean/std and median image size are measured on train and
-stored in the manifests); CIFAR-10's `cifar-10-batches-py` folder or its `.tar.gz`; CIFAR-100's
-`cifar-100-python` folder or its `.tar.gz` (md5-checked); CIFAR10-DVS class folders of `.aedat` recordings
+stored in the manifests); CIFAR-10's `cifar-10-batches-py` folder or its `.tar.gz` and CIFAR-100's
+`cifar-100-python` folder or its `.tar.gz` (both md5-checked; --no-verify-md5 for pickles you made);
+CIFAR10-DVS class folders of `.aedat` recordings
 or the distributed class zips; digits need no input.
 
 Output layout under --out (see `dataloaders.manifest`):
@@ -34,7 +35,7 @@ An FFCV split is one file, so it resumes per split. Finished splits (with a mani
 Bad input: an undecodable or non-image file, or an unreadable recording, is skipped, logged and listed in
 the manifest under "skipped" with --on-error skip (default), or stops the conversion with --on-error stop.
 An empty class folder is listed under "issues" (skip) or stops. A missing CIFAR batch file, a truncated
-archive or a CIFAR-100 file that is not the published one (md5) always stops with a message naming the
+archive or a CIFAR file that is not the published one (md5) always stops with a message naming the
 file.
 """
 
@@ -81,7 +82,8 @@ class Options:
     train_fraction: float = 0.9
     size: int = 32
     verify_md5: bool = True
-    """cifar100: check the files against the published md5 sums (off for home-made pickles)."""
+    """cifar10/cifar100: check the files against the published md5 sums before unpickling them (off for
+    home-made pickles, which are then unpickled with only numpy arrays allowed)."""
 
 
 class ConversionError(RuntimeError):
@@ -392,7 +394,7 @@ def main(argv=None):
     p.add_argument("--train-fraction", type=float, default=d.train_fraction, help="cifar10-dvs: per class")
     p.add_argument("--size", type=int, default=d.size, help="digits: image side")
     p.add_argument("--no-verify-md5", dest="verify_md5", action="store_false",
-                   help="cifar100: accept pickles that are not the published files (made by you)")
+                   help="cifar10/cifar100: accept pickles that are not the published files (made by you)")
     a = vars(p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

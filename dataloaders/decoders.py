@@ -3,7 +3,7 @@ a ValueError or RuntimeError (which the loader counts as an undecodable sample) 
 a decodable JPEG. `data.decoder` picks one; `python -m bench.loaders`
 measures them all with the crop that follows. Other formats (the CIFAR and digits PNGs) go through
 `decode_lossless` whatever the choice: Pillow, exact pixels and no call into torchvision's deprecated
-image I/O.
+image I/O; DVS event frames (gzip'd .npy) through `decode_frames`, bounded to the size they must have.
 
 - simplejpeg: libjpeg-turbo's own API, the default: the fastest maintained one in bench.loaders (about
   1.1-1.25x torchvision per core for decode + crop on 300-500 px JPEGs).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import io
+import zlib
 
 import numpy as np
 import torch
@@ -42,6 +43,34 @@ def decode_lossless(data: bytes) -> torch.Tensor:
 
     with Image.open(io.BytesIO(data)) as im:
         return _from_hwc(np.array(im.convert("RGB")))
+
+
+_NPY_HEADER_MAX = 4096  # an .npy header of a plain array is padded to 64 bytes; 4 KiB is ample
+
+
+def decode_frames(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    """gzip'd .npy uint16 event counts of exactly `shape`; a ValueError for anything else (corrupt gzip, a
+    decompression bomb, which stops one byte past the size the sample must have, another shape or dtype)."""
+    raw = gunzip(data, int(np.prod(shape)) * 2 + _NPY_HEADER_MAX)
+    array = np.load(io.BytesIO(raw), allow_pickle=False)
+    if array.dtype != np.uint16 or array.shape != tuple(shape):
+        raise ValueError(f"event frames of {array.dtype} {array.shape}, expected uint16 {tuple(shape)}")
+    return torch.from_numpy(array)
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """The decompressed gzip `data`, or a ValueError when it is corrupt, cut short or would exceed `limit`
+    bytes (never more than limit + 1 bytes are produced)."""
+    d = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"corrupt gzip data ({e})") from e
+    if len(out) > limit:
+        raise ValueError(f"gzip data decompresses past {limit} bytes (a decompression bomb, or not this sample)")
+    if not d.eof:
+        raise ValueError("gzip data ends before its stream does (truncated)")
+    return out
 
 
 def _from_hwc(array) -> torch.Tensor:

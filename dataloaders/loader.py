@@ -12,7 +12,8 @@
 Every rank yields `len(loader)` batches per epoch (see `dataloaders.order` for the plan, and
 `dataloaders.stream` for data.access=stream). Rows with label -1 are zeros and carry no sample: eval
 padding on ranks that ran out of data (train too in stream mode, which reads every sample once per epoch),
-or a sample that failed to decode (logged, counted in `metrics()['data/decode_errors']`); use
+or a sample that failed to decode (logged, counted in `metrics()`: `data/decode_errors` for train over the
+run, `val/decode_errors` for the latest pass over an eval split, both summed over ranks); use
 `ignore_index=-1` in the loss and mask them in accuracy counts. With data.access=random train batches are
 always full (the epoch's remainder is dropped); eval batches keep their size with padding rows. Workers
 hand over uint8 images; normalisation runs once per batch in the loader.
@@ -38,6 +39,7 @@ class Loader:
     def __init__(self, plan: EpochPlan, backend, normalize, classes: list[str]):
         self.plan, self.backend, self.normalize, self.classes = plan, backend, normalize, classes
         self.epoch, self.batches_yielded, self.decode_errors = 0, 0, 0
+        self.pass_decode_errors = 0  # since the current pass over the split began (an eval's count)
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -57,8 +59,11 @@ class Loader:
         rows = self.plan.rows(epoch)[start:]
         seeds = self.plan.seeds(epoch, rows)
         batches = self.backend.batches(rows, seeds, self.plan.epoch_key(epoch), self.plan.reads(epoch))
+        if start == 0:
+            self.pass_decode_errors = 0
         for k, (images, labels, bad) in enumerate(batches):
             self.decode_errors += bad
+            self.pass_decode_errors += bad
             images = self.normalize(images)
             images[labels < 0] = 0
             # Advance before handing the batch over: a checkpoint taken after using it resumes after it, and
@@ -101,8 +106,21 @@ class Loader:
         self.epoch, self.batches_yielded = state["epoch"], state["batches_yielded"]
         self.decode_errors = state.get("decode_errors", 0)
 
-    def metrics(self) -> dict[str, float]:
-        return {"data/decode_errors": float(self.decode_errors)}
+    def metrics(self, device=None) -> dict[str, float]:
+        """Collective in a process group of several ranks: the counts summed over ranks, reduced on `device`
+        (the training device: an NCCL group takes no CPU tensors). Train: `data/decode_errors` over the run;
+        eval splits: `val/decode_errors` of the latest pass."""
+        import torch
+        import torch.distributed as dist
+
+        train = self.plan.train
+        count = torch.tensor([self.decode_errors if train else self.pass_decode_errors], dtype=torch.float64,
+                             device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if device is None:
+                raise ValueError("Loader.metrics sums over ranks: pass the training device")
+            dist.all_reduce(count)
+        return {"data/decode_errors" if train else "val/decode_errors": count.item()}
 
 
 def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loader:
@@ -129,7 +147,7 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
 
         augment = transforms.augment(cfg, train, side, cropped_by_decoder=False)
         shards = ShardSet(cfg.path, manifest, cfg.cache_dir)
-        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder)
+        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder, len(manifest["classes"]))
         stream = ShardStream(shards, cfg.retries, cfg.retry_backoff) if cfg.access == "stream" else None
         return Loader(plan, _TorchBackend(dataset, cfg.num_workers, stream), transforms.normalize(cfg, manifest),
                       manifest["classes"])

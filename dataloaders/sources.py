@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import numpy as np
 from PIL import Image
 
 from dataloaders.aedat import EventFileError, events_to_frames, read_aedat
+
+MAX_RECORDING_BYTES = 1 << 28
+"""The biggest .aedat recording read (CIFAR10-DVS files are a few MB): a zip member declaring more is a
+decompression bomb or not a recording, and is skipped as a bad sample instead of filling memory."""
 
 
 class BadSample(ValueError):
@@ -85,9 +90,14 @@ class EventSplit(Split):
                 data = path.read_bytes()
             else:
                 with zipfile.ZipFile(path) as z:
+                    # zipfile stops at the declared size, so checking it bounds the decompression
+                    size = z.getinfo(member).file_size
+                    if size > MAX_RECORDING_BYTES:
+                        raise EventFileError(f"declares {size} bytes uncompressed, more than the "
+                                             f"{MAX_RECORDING_BYTES} a recording may have")
                     data = z.read(member)
             return Sample(self.labels[i], frames=events_to_frames(read_aedat(data), self.frames))
-        except (EventFileError, zipfile.BadZipFile, OSError) as e:
+        except (EventFileError, zipfile.BadZipFile, zlib.error, OSError) as e:
             raise BadSample(f"{self.names[i]}: {e}") from e
 
 
@@ -123,10 +133,10 @@ def _subdirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def cifar10_splits(src: str | Path) -> tuple[list[str], dict[str, ArraySplit]]:
+def cifar10_splits(src: str | Path, verify_md5: bool) -> tuple[list[str], dict[str, ArraySplit]]:
     from dataloaders.cifar_format import read_cifar10
 
-    classes, data = read_cifar10(src)
+    classes, data = read_cifar10(src, verify_md5)
     return classes, {k: _array_split(k, x, y) for k, (x, y) in data.items()}
 
 

@@ -5,7 +5,8 @@
     python -m dataloaders.synthetic cifar10-dvs --out DIR --per-class 20
 
 ImageNet: `DIR/{train,val}/<real wnid>/*.JPEG` of varied sizes and aspect ratios. CIFAR-10: a
-`DIR/cifar-10-batches-py` folder in the official pickle format. CIFAR10-DVS:
+`DIR/cifar-10-batches-py` folder in the official pickle format (not the published files: convert it with
+--no-verify-md5). CIFAR10-DVS:
 `DIR/<class>/cifar10_<class>_<n>.aedat` AEDAT 2.0 recordings as distributed. In every case the content
 depends on the class (stripe angle, frequency and colour; for events the direction of a moving bar and the
 polarity balance) plus per-sample noise, so a model can learn it and the real readers are exercised on

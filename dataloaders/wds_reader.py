@@ -10,9 +10,7 @@ streams them as well).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import logging
 import os
 import tarfile
@@ -22,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloaders.decoders import decode_lossless, get_decoder
+from dataloaders.decoders import decode_frames, decode_lossless, get_decoder
 from dataloaders.manifest import fetch, is_remote, resolve
 from dataloaders.transforms import seeded
 
@@ -40,6 +38,10 @@ class ShardSet:
         self.ends = np.cumsum([s["num_samples"] for s in self.shards])
         base = Path(cache_dir or Path.home() / ".cache" / "deepspike" / "shards")
         self.cache = base / hashlib.sha1(root.encode()).hexdigest()[:16] / self.split
+        if is_remote(root) and any("sha256" not in s for s in self.shards):
+            raise ShardError(f"{root}: the {self.split} manifest records no sha256 per shard (an old conversion), "
+                             "so fetched shards cannot be verified; convert again, or copy the shards to local "
+                             "storage (local shards are checked by size)")
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._members: dict[int, list[dict[str, tuple[int, int]]]] = {}
         if not is_remote(root):
@@ -97,10 +99,10 @@ class ShardSet:
         return self.shards[k]["name"], {ext: os.pread(fd, n, off) for ext, (off, n) in members[j].items()}
 
 
-def decode(ext: str, data: bytes, jpeg_decoder: str) -> torch.Tensor:
-    """uint8 [3, H, W] image or uint16 [T, 2, 128, 128] event counts."""
+def decode(ext: str, data: bytes, jpeg_decoder: str, frames_shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8 [3, H, W] image or uint16 [T, 2, 128, 128] event counts (of `frames_shape`)."""
     if ext == "npy.gz":
-        return torch.from_numpy(np.load(io.BytesIO(gzip.decompress(data))))
+        return decode_frames(data, frames_shape)
     if ext == "jpg":
         return get_decoder(jpeg_decoder)(data)
     return decode_lossless(data)
@@ -111,8 +113,9 @@ class WdsDataset(torch.utils.data.Dataset):
     the loader normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
     and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them)."""
 
-    def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str):
+    def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str, num_classes: int):
         self.shards, self.ext, self.augment, self.jpeg_decoder = shards, ext, augment, jpeg_decoder
+        self.num_classes = num_classes
         self.blank = torch.zeros(blank_shape, dtype=torch.uint16 if ext == "npy.gz" else torch.uint8)
 
     def __len__(self) -> int:
@@ -124,7 +127,10 @@ class WdsDataset(torch.utils.data.Dataset):
             return self.blank, -1, False
         shard, sample = streamed or self.shards.read(index)
         try:
-            x, label = decode(self.ext, sample[self.ext], self.jpeg_decoder), int(sample["cls"])
+            x = decode(self.ext, sample[self.ext], self.jpeg_decoder, tuple(self.blank.shape))
+            label = int(sample["cls"])
+            if not 0 <= label < self.num_classes:  # would index past the head (a device-side assert on CUDA)
+                raise ValueError(f"label {label} outside the manifest's {self.num_classes} classes")
             if self.augment is not None:
                 x = seeded(self.augment, x, seed)
             return x, label, False

@@ -26,7 +26,7 @@ def test_cifar10_pickles_round_trip_and_missing_files(tmp_path):
     train = rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 23)
     test = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 7)
     src = write_cifar10(tmp_path, train, test)
-    classes, data = read_cifar10(src)
+    classes, data = read_cifar10(src, verify_md5=False)  # home-made files
     assert classes[0] == "airplane" and len(classes) == 10
     for split, (x, y) in (("train", train), ("test", test)):
         assert np.array_equal(data[split][0], x) and np.array_equal(data[split][1], y)
@@ -34,7 +34,8 @@ def test_cifar10_pickles_round_trip_and_missing_files(tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(src, arcname="cifar-10-batches-py")
-    assert np.array_equal(read_cifar10(archive)[1]["train"][0], train[0])  # the distributed archive too
+    # the distributed archive too
+    assert np.array_equal(read_cifar10(archive, verify_md5=False)[1]["train"][0], train[0])
     archive.write_bytes(archive.read_bytes()[:5000])
     with pytest.raises(SystemExit, match="truncated"):
         main(["cifar10", "--src", str(archive), "--out", str(tmp_path / "o1"), "--format", "wds"])

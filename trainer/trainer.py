@@ -177,7 +177,7 @@ class Trainer:
             m["amp/loss_scale"] = getattr(engine.optimizer, "cur_scale", float("nan"))
             grad_scale *= getattr(engine.optimizer, "cur_scale", 1.0)
         m.update(self.grad_norms.metrics(loss_scale=grad_scale))
-        m.update(self.train_loader.metrics())
+        m.update(self.train_loader.metrics(self.device))
         self.last_train, self.window = m, TrainWindow(self.device)
         self._log(m)
         if self.rank == 0:
@@ -190,6 +190,7 @@ class Trainer:
         self.evaluated_at = p.step
         self.last_val = evaluate(self.engine.module, self.val_loader, self.device, self.cfg.engine.precision,
                                  time_first=self.time_first)
+        self.last_val.update(self.val_loader.metrics(self.device))
         p.best_top1 = max(p.best_top1 or 0.0, self.last_val["val/top1"])
         self._log({**self.last_val, "val/best_top1": p.best_top1})
         if self.rank == 0:

@@ -1,4 +1,5 @@
-"""CIFAR-10 from the python pickles (folder or `.tar.gz`). Train: random crop 32 with padding 4 + flip."""
+"""CIFAR-10 from the official python pickles (folder or `.tar.gz`, md5-checked). Train: random crop 32 with
+padding 4 + flip."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 def _read(src, opts):
     from dataloaders.sources import cifar10_splits
 
-    return cifar10_splits(src)
+    return cifar10_splits(src, opts.verify_md5)
 
 
 DATASET = Dataset(name="cifar10", cli_name="cifar10", read=_read,
