@@ -2,7 +2,9 @@
 
 FFCV's own random ops draw from unseeded per-thread RNGs, which makes an interrupted epoch impossible to
 replay. So the ImageNet train decoder is FFCV's ResizedCropRGBImageDecoder with one change: each sample
-seeds the RNG from `mix_seed(epoch_key, index)` before choosing its crop (and flip). The key is a compile-
+seeds the RNG from `mix_seed(epoch_key, index)` before choosing its crop (and flip). Train and eval
+decoders also report JPEGs that fail to decode (FFCV itself yields the previous image's pixels for them):
+those rows get label -1 and are counted as decode errors, as on the wds path. The key is a compile-
 time constant of the generated code, so a new epoch recompiles the pipeline (a few seconds per epoch).
 Small fixed-size images (CIFAR, digits) are decoded raw by FFCV and cropped/flipped per sample with
 torchvision, seeded the same way; AutoAugment (ImageNet) also runs there, on the loader's thread.
@@ -10,19 +12,23 @@ torchvision, seeded the same way; AutoAugment (ImageNet) also runs there, on the
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.ndarray import NDArrayDecoder
 from ffcv.fields.rgb_image import (
     IMAGE_MODES,
-    CenterCropRGBImageDecoder,
     ResizedCropRGBImageDecoder,
     SimpleRGBImageDecoder,
+    get_center_crop,
     get_random_crop,
 )
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader as FfcvLoader
+from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
@@ -31,25 +37,40 @@ from dataloaders.datasets import get_dataset
 from dataloaders.order import mix_seed
 from dataloaders.transforms import seeded
 
+log = logging.getLogger(__name__)
 
-class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
-    """RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + optional flip, reproducible per (key, sample)."""
 
-    def __init__(self, output_size: tuple[int, int], flip: bool, key: int = 0):
+class CheckedCrop(ResizedCropRGBImageDecoder):
+    """FFCV's resized-crop decoding (random crop: RandomResizedCrop with scale 0.08-1, ratio 3/4-4/3 and an
+    optional flip, reproducible per (key, sample); or center crop with `center_ratio`), with undecodable
+    JPEGs flagged. FFCV ignores imdecode's status and passes on whatever its buffer held before (an earlier
+    image) as the sample; here each output image carries one extra row whose first byte is 1 for a sample
+    that failed to decode (the image is zeros), which `FfcvBackend` strips, counts and blanks."""
+
+    def __init__(self, output_size: tuple[int, int], flip: bool = False, key: int = 0,
+                 center_ratio: float | None = None):
         super().__init__(output_size)
-        self.scale, self.ratio, self.flip, self.key = (0.08, 1.0), (3 / 4, 4 / 3), flip, key
+        self.flip, self.key, self.center_ratio = flip, key, center_ratio
+        self.scale, self.ratio = ((0.08, 1.0), (3 / 4, 4 / 3)) if center_ratio is None else (None, center_ratio)
 
     @property
     def get_crop_generator(self):
-        return get_random_crop
+        return get_random_crop if self.center_ratio is None else get_center_crop
+
+    def declare_state_and_memory(self, previous_state):
+        state, (out, temp) = super().declare_state_and_memory(previous_state)
+        shape = (out.shape[0] + 1, *out.shape[1:])
+        return replace(state, shape=shape), (AllocationQuery(shape, out.dtype), temp)
 
     def generate_code(self):
         jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
         # Fresh dispatchers per compilation, as FFCV's own decoders do: numba dispatchers shared between
         # generated pipelines break once one of those pipelines is garbage collected.
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        get_crop_c, mix_c = Compiler.compile(get_random_crop), Compiler.compile(mix_seed)
-        scale, ratio, flip, key = np.array(self.scale), np.array(self.ratio), self.flip, np.uint64(self.key)
+        get_crop_c, mix_c = Compiler.compile(self.get_crop_generator), Compiler.compile(mix_seed)
+        seeded, flip, key, rows = self.center_ratio is None, self.flip, np.uint64(self.key), self.output_size[0]
+        scale = np.array(self.scale) if seeded else None
+        ratio = np.array(self.ratio) if seeded else self.ratio
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -58,19 +79,26 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                 field = metadata[source_ix]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                image = destination[dst_ix]
+                image[rows, 0, 0] = 0
+                status = 0
                 if field["mode"] == jpg:
                     temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
-                               False, False)
+                    status = imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1,
+                                        False, False)
                     temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                # numba keeps one RNG per thread; seeding it here makes the draws depend on the sample only
-                np.random.seed(mix_c(key, source_ix))
-                i, j, h, w = get_crop_c(height, width, scale, ratio)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                if flip and np.random.random() < 0.5:
-                    destination[dst_ix] = destination[dst_ix][:, ::-1].copy()
+                if status != 0:
+                    image[:] = 0
+                    image[rows, 0, 0] = 1
+                else:
+                    if seeded:  # numba keeps one RNG per thread; seeding it here makes the draws per sample
+                        np.random.seed(mix_c(key, source_ix))
+                    i, j, h, w = get_crop_c(height, width, scale, ratio)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, image[:rows])
+                    if flip and np.random.random() < 0.5:
+                        image[:rows] = image[:rows][:, ::-1].copy()
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -107,7 +135,7 @@ class _PlannedOrder(TraversalOrder):
 
 class FfcvBackend:
     def __init__(self, cfg, manifest: dict, path: str, train: bool, augment, blank_shape):
-        self.augment, self.blank_shape = augment, blank_shape
+        self.augment, self.blank_shape, self.path = augment, blank_shape, path
         skipped = [s["index"] for s in manifest["skipped"]]
         self.records = np.setdiff1d(np.arange(manifest["num_records"]), skipped).astype(np.uint64)
         self.dtype = torch.uint16 if manifest["sample"]["kind"] == "frames" else torch.uint8
@@ -117,12 +145,12 @@ class FfcvBackend:
         elif not get_dataset(cfg.dataset).decoder_crops:
             field, decoders = "image", [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()]
         elif train:
-            self.seeded = SeededRandomResizedCrop((cfg.image_size, cfg.image_size), cfg.hflip)
+            self.seeded = CheckedCrop((cfg.image_size, cfg.image_size), cfg.hflip)
             field, decoders = "image", [self.seeded, ToTensor(), ToTorchImage()]
         else:
-            side = (cfg.val_crop, cfg.val_crop)
-            crop = CenterCropRGBImageDecoder(side, ratio=cfg.val_crop / cfg.val_resize)
+            crop = CheckedCrop((cfg.val_crop, cfg.val_crop), center_ratio=cfg.val_crop / cfg.val_resize)
             field, decoders = "image", [crop, ToTensor(), ToTorchImage()]
+        self.checked = isinstance(decoders[0], CheckedCrop)
         self.loader = FfcvLoader(path, batch_size=cfg.batch_size, num_workers=max(1, cfg.num_workers),
                                  order=_PlannedOrder(), drop_last=False, os_cache=True,
                                  pipelines={field: decoders, "label": [IntDecoder(), ToTensor()]})
@@ -145,9 +173,15 @@ class FfcvBackend:
                 yield torch.zeros((len(row), *self.blank_shape), dtype=self.dtype), y, 0
                 continue
             images, labels = _next(self._epoch_iter)
+            bad = torch.zeros(n, dtype=torch.bool)
+            if self.checked:  # CheckedCrop's status row
+                bad, images = images[:, 0, -1, 0] == 1, images[:, :, :-1]
+                for k in bad.nonzero().flatten().tolist():
+                    log.warning("skipping undecodable record %d of %s", int(self.records[row[k]]), self.path)
             if self.augment is not None:
                 images = torch.stack([seeded(self.augment, im, None if seeds is None else int(seeds[r, k]))
                                       for k, im in enumerate(images)])
             x = torch.zeros((len(row), *images.shape[1:]), dtype=images.dtype)
             x[:n], y[:n] = images, labels.reshape(-1)  # copies: FFCV reuses its buffers for later batches
-            yield x, y, 0
+            y[:n][bad] = -1
+            yield x, y, int(bad.sum())
