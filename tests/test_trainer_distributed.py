@@ -240,7 +240,7 @@ def test_mlflow_run_in_local_store_and_resume_shares_it(runs):
     assert row["tags.mlflow.source.git.commit"]
     for key in ("train/loss", "train/top1", "val/top1", "val/top5", "perf/images_per_s", "perf/step_s",
                 "memory/peak_gib", "spikes/rate", "spikes/rate_stage1", "energy/mj_per_image", "optim/lr",
-                "grad/norm_block_0", "grad/norm_stage_1", "data/decode_errors"):
+                "grad/norm_block_0", "grad/norm_stage_1", "data/decode_errors", "val/decode_errors"):
         assert f"metrics.{key}" in df.columns, key
     assert any(c.startswith("metrics.system/") for c in df.columns)
     client = mlflow.MlflowClient()
