@@ -16,8 +16,7 @@ Inputs: ImageNet-style `src/{train,val}/<wnid>/*.JPEG`; for `folder` any tree `s
 (any number of classes, any format PIL reads; its mean/std and median image size are measured on train and
 stored in the manifests); CIFAR-10's `cifar-10-batches-py` folder or its `.tar.gz` and CIFAR-100's
 `cifar-100-python` folder or its `.tar.gz` (both md5-checked; --no-verify-md5 for pickles you made);
-CIFAR10-DVS class folders of `.aedat` recordings
-or the distributed class zips; digits need no input.
+CIFAR10-DVS class folders of `.aedat` recordings or the distributed class zips; digits need no input.
 
 Output layout under --out (see `dataloaders.manifest`):
     wds:  <split>/manifest.json and <split>/<split>-000000.tar, ...: sample `<split>-<index:08d>` holds `.jpg`
