@@ -4,7 +4,7 @@
 command: a checkpoint or model file from a shared folder or an (unauthenticated) MLflow artifact store
 would run with the trainer's rights. Every file we read goes through `safe_load`: tensors, plain values
 and the few DeepSpeed data classes its checkpoints hold, nothing else. DeepSpeed's own loads go through
-its checkpoint engine, which `safe_checkpoint_engine` replaces by one that calls `safe_load`.
+its checkpoint engine, which the trainer replaces by one that calls `safe_load` (trainer.checkpoint_engine).
 
 MLflow logged models (`mlflow.pytorch`) are pickles of the module itself and stay code-running; only
 `trainer.logged_model.load_logged_model` reads them, for a models:/ or runs:/ URI given explicitly.
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
@@ -37,8 +36,9 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(DEEPSPEED_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message names the refused global; keep its first line, the rest is advice for weights_only.
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # Keep the line of torch's message that names the refused global; the rest advises weights_only=False.
+        lines = [ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln]
+        detail = lines[0].split(" was not an allowed global")[0] if lines else type(e).__name__
         raise UnsafeFileError(f"refusing to load {path}: it holds objects other than tensors and plain values, "
                               f"which unpickling would execute ({detail}). Files written by this trainer never do; "
                               "this one is corrupt, from an older format, or was tampered with.") from None
@@ -58,24 +58,3 @@ def weights_only_loads():
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
-
-
-class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's default engine (the one the trainer's config selects), loading through `safe_load`."""
-
-    def load(self, path: str, map_location=None):
-        return safe_load(path, map_location)
-
-
-def safe_checkpoint_engine(engine) -> None:
-    """Make `engine.load_checkpoint` read its files weights-only. Other engines (Nebula, decoupled, fast
-    writers) are configured explicitly and have loaders of their own; they are refused rather than trusted."""
-    current = engine.checkpoint_engine
-    if isinstance(current, SafeTorchCheckpointEngine):
-        return
-    if type(current) is not TorchCheckpointEngine:
-        raise ValueError(f"DeepSpeed checkpoint engine {type(current).__name__} loads files with pickle; "
-                         "the trainer supports the default torch engine only")
-    safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
-    safe.__dict__.update(current.__dict__)  # same settings (serialisation format, name), no re-initialisation
-    engine.checkpoint_engine = safe
