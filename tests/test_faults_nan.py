@@ -41,8 +41,8 @@ def _worker(rank: int, data: Path, out: Path) -> None:
             results[name] = {"error": str(e)}
 
     run("rollback", *BASE, *POISON)
-    run("rollback_resumed#1", *BASE, *POISON, "stop_at_step=12")
-    run("rollback_resumed#2", *BASE, *POISON)
+    run("rollback_resumed#1", *BASE, *POISON, "stop_at_step=12", "checkpoint.keep_last=5")
+    run("rollback_resumed#2", *BASE, *POISON, "checkpoint.keep_last=5")
     run("skip", *BASE, *POISON, "engine.nonfinite=skip", "optim.max_steps=11", "checkpoint.every_steps=10",
         "checkpoint.keep_last=5")
     run("skip_z2", *BASE, *POISON, "engine.nonfinite=skip", "engine.zero_stage=2", "optim.max_steps=11",
@@ -137,4 +137,8 @@ def test_huge_lr_never_writes_non_finite_weights_and_stops(runs):
         assert "engine.max_rollbacks=2" in results[r]["huge_lr"]["error"]
     names = _all_finite(out / "huge_lr")
     assert names  # the last finite checkpoint is kept
-    assert [r for r in _metrics(out / "huge_lr") if "health/rollbacks" in r][-1]["health/rollbacks"] == 2
+    events = [(r["step"], r["health/rollbacks"], r["health/nonfinite_steps"])
+              for r in _metrics(out / "huge_lr") if "health/detect_s" in r]
+    # Two rollbacks, then the stop; each event keeps its own point (steps increase though the run went back).
+    assert [e[1:] for e in events] == [(1, 1), (2, 2), (2, 3)], events
+    assert [e[0] for e in events] == sorted({e[0] for e in events}), events

@@ -94,6 +94,7 @@ class Trainer:
         self.evaluated_at = -1
         self.window = TrainWindow(self.device)
         self._skipped = False  # whether the last step was dropped as non-finite
+        self._event_step = -1  # the step of the last health event logged
         # Hooks only inside `with`, on the last micro-batch of logging steps.
         self.grad_norms = BlockGradNorms(self.engine)
         self.metrics_file = None
@@ -246,17 +247,17 @@ class Trainer:
         event = {"health/nonfinite_steps": p.nonfinite_steps, "health/rollbacks": p.rollbacks,
                  "health/detect_s": detect_s}
         if policy == "skip":
-            self._log(event, p.step + consumed)
+            self._log_event(event, p.step + consumed)
             if self.rank == 0:
                 tqdm.write(f"[trainer] {what}: step dropped (engine.nonfinite=skip)")
             return
         if policy == "stop":
-            self._log(event, p.step + consumed)
+            self._log_event(event, p.step + consumed)
             raise NonFiniteError(f"{what}; engine.nonfinite=stop. The newest checkpoint "
                                  f"({self.checkpoints.newest() or 'none yet'}) is finite.")
         target = self.checkpoints.newest()
         if target is None or p.rollbacks >= cfg.engine.max_rollbacks:
-            self._log(event, p.step + consumed)
+            self._log_event(event, p.step + consumed)
             why = ("no checkpoint to roll back to yet" if target is None else
                    f"{p.rollbacks} rollback(s) done, engine.max_rollbacks={cfg.engine.max_rollbacks}")
             raise NonFiniteError(f"{what}; {why}. Lower optim.lr or raise optim.grad_clip; the newest "
@@ -270,7 +271,7 @@ class Trainer:
         p = self.progress
         epoch = p.epoch
         counters = (p.nonfinite_steps, p.rollbacks + 1)
-        self._log({**event, "health/rollbacks": counters[1]}, failed_step)
+        self._log_event({**event, "health/rollbacks": counters[1]}, failed_step)
         self.restore(target)
         p.nonfinite_steps, p.rollbacks = counters
         p.epoch, p.epoch_step = epoch, epoch_step
@@ -413,6 +414,12 @@ class Trainer:
               "steps; " + (f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"),
               flush=True)
         return logger
+
+    def _log_event(self, metrics: dict[str, float], step: int) -> None:
+        """A health event at `step`, or just after the previous event's step: after a rollback the same step
+        can fail again, and metrics keep one value per key and step (MLflow and metrics.jsonl alike)."""
+        self._event_step = max(step, self._event_step + 1)
+        self._log(metrics, self._event_step)
 
     def _log(self, metrics: dict[str, float], step: int | None = None) -> None:
         step = self.progress.step if step is None else step
