@@ -13,7 +13,8 @@ Layout under `<run_dir>/checkpoints/`:
 A checkpoint is written into `.tmp-step_XXXXXXXX/` and renamed to `step_XXXXXXXX/` only once every
 rank has finished writing; the `latest` pointer is replaced last. A crash at any point therefore
 leaves the previous checkpoint complete and discoverable; stale `.tmp-*` directories are ignored and
-removed by the next save.
+removed by the next save. A write that fails (a full disk) fails the save on every rank at once and
+removes the `.tmp-*` directory (`CheckpointWriteError`).
 
 `CheckpointManager` is the one place that knows what a checkpoint holds: it saves and restores the
 engine (model, optimizer, scheduler), every rank's RNG streams and data-loader position, and the
