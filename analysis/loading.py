@@ -8,6 +8,7 @@ import torch
 
 from dataloaders.digits import digits_tensors
 from models import SpikingResNet, create_model
+from trainer.safe_load import safe_load
 
 
 def load_checkpoint_model(path: str | Path, T: int | None = None) -> tuple[str, SpikingResNet]:
@@ -15,7 +16,7 @@ def load_checkpoint_model(path: str | Path, T: int | None = None) -> tuple[str, 
     `python -m trainer.export` writes ({'model': {'name', 'num_classes', 'T', 'kwargs'}, 'state_dict', ...})
     or a plain {'model': name, 'model_kwargs': create_model kwargs, 'state_dict': weights}.
     T, if given, replaces the number of time steps the static input is presented for."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = safe_load(path)
     if not isinstance(blob, dict) or not {"model", "state_dict"} <= set(blob):
         keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
         raise ValueError(f"{path}: expected a dict with 'model' and 'state_dict' (python -m trainer.export "

@@ -11,6 +11,7 @@ import torch
 from trainer_fixtures import digits_shards, spawn, tiny_config
 
 from trainer.export import consolidated_state_dict
+from trainer.safe_load import safe_load
 
 STREAM = ["data.access=stream", "data.shuffle_buffer=64", "optim.max_steps=12", "optim.global_batch=128",
           "checkpoint.every_steps=3", "checkpoint.keep_last=10", "log_every=1"]
@@ -35,7 +36,7 @@ def test_stream_mode_resumes_mid_epoch_bit_identically(tmp_path, tmp_path_factor
     runs = json.loads((tmp_path / "stream.json").read_text())
     first, second, full = runs["resumed#1"], runs["resumed#2"], runs["full"]
     assert first["result"]["step"] == 6 and second["result"]["resumed_from"].endswith("step_00000006")
-    state = torch.load(Path(second["result"]["resumed_from"]) / "trainer_rank00001.pt", weights_only=False)
+    state = safe_load(Path(second["result"]["resumed_from"]) / "trainer_rank00001.pt")
     assert state["loader"]["access"] == "stream" and state["loader"]["batches_yielded"] > 0  # mid-epoch
     after = {h["step"]: h["train/loss"] for h in full["history"] if h["step"] > 6}
     assert after == {h["step"]: h["train/loss"] for h in second["history"]}

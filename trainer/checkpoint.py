@@ -13,7 +13,8 @@ Layout under `<run_dir>/checkpoints/`:
 A checkpoint is written into `.tmp-step_XXXXXXXX/` and renamed to `step_XXXXXXXX/` only once every
 rank has finished writing; the `latest` pointer is replaced last. A crash at any point therefore
 leaves the previous checkpoint complete and discoverable; stale `.tmp-*` directories are ignored and
-removed by the next save.
+removed by the next save. A write that fails (a full disk) fails the save on every rank at once and
+removes the `.tmp-*` directory (`CheckpointWriteError`).
 
 `CheckpointManager` is the one place that knows what a checkpoint holds: it saves and restores the
 engine (model, optimizer, scheduler), every rank's RNG streams and data-loader position, and the
@@ -36,7 +37,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_set_full_optimizer_state
 
+from trainer.checkpoint_engine import trainer_checkpoint_engine
 from trainer.distributed import rank_seed, rng_state, seed_all, set_rng_state
+from trainer.health import ranks_flagged
+from trainer.safe_load import safe_load
 from trainer.set_aside import set_aside
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -55,6 +59,11 @@ class Progress:
     epoch_step: int = 0
     best_top1: float | None = None
     mlflow_run_id: str | None = None
+    nonfinite_steps: int = 0
+    """Optimizer steps found non-finite so far (each skipped, rolled back or fatal)."""
+    rollbacks: int = 0
+    """Rollbacks so far. After one, `epoch`/`epoch_step` (the data position) run ahead of `step`: the
+    batches of the diverged window are not read again, so a resume continues after them as well."""
 
 
 @dataclass
@@ -83,7 +92,8 @@ class CheckpointMeta:
         if d.get("format") != FORMAT:
             raise ValueError(f"checkpoint format {d.get('format')!r}; this code reads format {FORMAT}")
         names = {f.name for f in dataclasses.fields(Progress)}
-        return cls(progress=Progress(**{k: d[k] for k in names}),
+        # Keys added to Progress later are absent from older files and take their defaults.
+        return cls(progress=Progress(**{k: d[k] for k in names if k in d}),
                    **{k: v for k, v in d.items() if k not in names})
 
     @classmethod
@@ -167,14 +177,34 @@ class CheckpointManager:
                                {"rng": rng_state(), "loader": loader.state_dict()}, self.keep_last,
                                self.keep_best)
 
-    def restore(self, engine, loader, step_dir: Path, seed: int, accum: int) -> CheckpointMeta:
-        """Collective. Engine, RNG streams and loader position as they were at `step_dir`'s step."""
+    def restore(self, engine, loader, step_dir: Path, seed: int, accum: int, global_batch: int) -> CheckpointMeta:
+        """Collective. Engine, RNG streams and loader position as they were at `step_dir`'s step.
+
+        Another data.batch_size (or world size) with the same optim.global_batch maps exactly: step s of an
+        epoch reads samples [s * global_batch, (s + 1) * global_batch) of the epoch's order whatever the
+        micro-batch, so the loader continues `epoch_step * accum` of its micro-batches in. Another global
+        batch would change what a step and the schedule mean, and is refused."""
+        saved = CheckpointMeta.from_dict(read_meta(step_dir))
+        saved_global = saved.config.get("optim", {}).get("global_batch", global_batch)
+        if saved_global != global_batch:
+            raise ValueError(f"{step_dir} was trained with optim.global_batch={saved_global}, this run has "
+                             f"{global_batch}: steps, epochs and the lr schedule would not line up. Resume with "
+                             f"optim.global_batch={saved_global} (data.batch_size may change)")
+        if saved.grad_accumulation != accum and loader.access == "stream" and saved.world_size == dist.get_world_size():
+            raise ValueError(f"{step_dir} was trained with data.batch_size="
+                             f"{saved.config.get('data', {}).get('batch_size')}; data.access=stream pads each "
+                             "rank's epoch to whole micro-batches, so another one changes the steps per epoch. "
+                             "Resume with the saved data.batch_size")
         meta, rank_state = load_checkpoint(engine, step_dir, self.zero_stage)
         meta = CheckpointMeta.from_dict(meta)
         progress = meta.progress
-        if rank_state is not None:
+        if rank_state is not None and meta.grad_accumulation == accum:
             set_rng_state(rank_state["rng"])
             loader.load_state_dict(rank_state["loader"])
+        elif rank_state is not None:
+            # The same ranks with another micro-batch: the RNG streams continue, the position is mapped.
+            set_rng_state(rank_state["rng"])
+            loader.seek(progress.epoch, progress.epoch_step * accum)
         else:
             # Another world size: each global batch is the next global-batch samples of the epoch's order
             # whatever the world size, so the same position lies `epoch_step` optimizer steps into the
@@ -184,31 +214,64 @@ class CheckpointManager:
         return meta
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (raised on every rank); the previous one is untouched."""
+
+
 def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], rank_state: dict[str, Any],
                     keep_last: int, keep_best: bool) -> Path:
-    """Collective: every rank calls it. Returns the final step directory."""
+    """Collective: every rank calls it. Returns the final step directory.
+
+    A write that fails on any rank (full disk, ...) fails the save on every rank with `CheckpointWriteError`:
+    the half-written `.tmp-` directory is removed and the newest complete checkpoint stays as it was."""
     rank = dist.get_rank()
     tmp_tag = f".tmp-{step_dir_name(step)}"
-    final = root / step_dir_name(step)
+    tmp, final = root / tmp_tag, root / step_dir_name(step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
+    writer = trainer_checkpoint_engine(engine)
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    torch.save(rank_state, rank_file(root / tmp_tag, rank))
-    dist.barrier()
+    failure = writer.take_failure()
+    if failure is None:
+        try:
+            torch.save(rank_state, rank_file(tmp, rank))
+        except (OSError, RuntimeError) as e:
+            failure = f"{rank_file(tmp, rank)}: {type(e).__name__}: {e}"
+    _raise_if_failed(engine, root, tmp, step, failure)
+    failure = None
     if rank == 0:
-        tmp = root / tmp_tag
-        _write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. a resumed run that stops where it started)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, final.name)
-        _prune(root, keep_last, keep_best)
-    dist.barrier()
+        try:
+            _write_text_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
+            _fsync_tree(tmp)
+            if final.exists():  # the same step saved again (e.g. a resumed run that stops where it started)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_text_atomic(root / LATEST, final.name)
+            _prune(root, keep_last, keep_best)
+        except OSError as e:
+            failure = f"{type(e).__name__}: {e}"
+    _raise_if_failed(engine, root, tmp, step, failure)  # also the barrier that ends the save
     return final
+
+
+def _raise_if_failed(engine, root: Path, tmp: Path, step: int, failure: str | None) -> None:
+    """Collective: raise `CheckpointWriteError` on every rank if any rank's `failure` is set."""
+    device = next(engine.module.parameters()).device  # the training device: NCCL reduces CUDA tensors only
+    ranks = ranks_flagged(torch.tensor([float(failure is not None)], device=device))[0]
+    if not ranks:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # never mistaken for a checkpoint, and its space is freed
+    newest = find_resume_checkpoint(root)
+    # torch reports a short write vaguely ("unexpected pos ..."); the free space says what it usually is.
+    free = shutil.disk_usage(root).free / 2**30
+    raise CheckpointWriteError(f"checkpoint of step {step} failed on rank(s) {ranks}"
+                               + (f" ({failure})" if failure else "")
+                               + f"; {free:.2f} GiB free under {root} (a full disk or a file-size quota?); "
+                               f"the newest complete checkpoint is {newest or 'none'}, intact and resumable")
 
 
 def _prune(root: Path, keep_last: int, keep_best: bool) -> None:
@@ -237,6 +300,7 @@ def load_checkpoint(engine, step_dir: Path, zero_stage: int) -> tuple[dict[str, 
                          f"engine.zero_stage={meta['zero_stage']}")
     same_world = meta["world_size"] == dist.get_world_size()
     full_optimizer = same_world or zero_stage == 0
+    trainer_checkpoint_engine(engine)
     path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name,
                                      load_optimizer_states=full_optimizer)
     if path is None:
@@ -245,7 +309,7 @@ def load_checkpoint(engine, step_dir: Path, zero_stage: int) -> tuple[dict[str, 
         _reshard_sgd_momentum(engine, step_dir, meta["world_size"])
     rank_state = None
     if same_world:
-        rank_state = torch.load(rank_file(step_dir, dist.get_rank()), map_location="cpu", weights_only=False)
+        rank_state = safe_load(rank_file(step_dir, dist.get_rank()))
     return meta, rank_state
 
 
@@ -256,7 +320,7 @@ def _saved_full_momentum(step_dir: Path, saved_world: int) -> dict[str, torch.Te
         files = list(step_dir.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
         if len(files) != 1:
             raise FileNotFoundError(f"{step_dir}: expected one optimizer shard for rank {r}, found {files}")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        sd = safe_load(files[0])["optimizer_state_dict"]
         state = sd["base_optimizer_state"]["state"]
         for group, mapping in enumerate(sd["param_slice_mappings"]):
             if "momentum_buffer" not in state.get(group, {}):

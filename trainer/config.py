@@ -71,6 +71,23 @@ class EngineConfig:
     seed: int = 0
     backend: str = ""
     """torch.distributed backend; '' picks nccl with CUDA and gloo otherwise."""
+    nonfinite: str = "rollback"
+    """A NaN/inf loss or gradient on any rank (all ranks act alike): 'rollback' reloads the newest checkpoint
+    (always finite), skips the training batches from there to the failing step and continues; 'skip' drops
+    that optimizer step (no update) and counts it; 'stop' exits with an error at once."""
+    max_rollbacks: int = 3
+    """rollback: after this many rollbacks in one run the next non-finite step stops it with an error."""
+    nan_at_batches: list[int] = field(default_factory=list)
+    """Fault injection (tests): the loss is NaN on the optimizer steps that read these data positions
+    (epoch * steps_per_epoch + step within the epoch, from 0). Empty in real runs."""
+    nan_rank: int = -1
+    """Fault injection: the rank whose loss `nan_at_batches` poisons; -1 every rank."""
+
+    def __post_init__(self):
+        if self.nonfinite not in ("rollback", "skip", "stop"):
+            raise ValueError(f"engine.nonfinite={self.nonfinite!r}; expected 'rollback', 'skip' or 'stop'")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"engine.max_rollbacks={self.max_rollbacks} must be >= 0")
 
 
 @dataclass

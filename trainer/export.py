@@ -19,6 +19,7 @@ from torch import nn
 
 from models import create_model
 from trainer.checkpoint import find_resume_checkpoint, read_meta
+from trainer.safe_load import safe_load, weights_only_loads
 
 
 def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -26,10 +27,11 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     if meta["precision"] == "fp16" and meta["zero_stage"] >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+        with weights_only_loads():  # it calls torch.load(weights_only=False) itself
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     else:
         model_file = step_dir / "mp_rank_00_model_states.pt"
-        sd = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        sd = safe_load(model_file)["module"]
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
 
 
@@ -55,8 +57,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
 def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     """The single-device model rebuilt from an `export` file, with its weights, and the file's contents.
-    The file holds only tensors and plain values, so it loads with `weights_only=True`."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    The file holds only tensors and plain values; anything else is refused (`trainer.safe_load`)."""
+    blob = safe_load(path)
     m = blob["model"]
     model = create_model(m["name"], num_classes=m["num_classes"], T=m["T"], **m["kwargs"])
     model.load_state_dict(blob["state_dict"])

@@ -33,5 +33,7 @@ class TrainWindow:
             dist.all_reduce(sums)
         loss, correct, n = sums.tolist()
         step_s = self.seconds / max(self.steps, 1)
-        return {"train/loss": loss / n, "train/top1": correct / n, "perf/step_s": step_s,
-                "perf/images_per_s": global_batch / step_s if step_s else 0.0}
+        perf = {"perf/step_s": step_s, "perf/images_per_s": global_batch / step_s if step_s else 0.0}
+        if not n:  # every step of the window was dropped as non-finite: no loss to report
+            return perf
+        return {"train/loss": loss / n, "train/top1": correct / n, **perf}

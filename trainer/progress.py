@@ -27,8 +27,10 @@ def _where(step: int, total: int, steps_per_epoch: int) -> str:
 
 
 def step_line(step: int, total: int, steps_per_epoch: int, metrics: dict[str, float], eta_s: float) -> str:
-    return (f"step {_where(step, total, steps_per_epoch)} | loss {metrics['train/loss']:.3f} | "
-            f"top-1 {100 * metrics['train/top1']:.1f} % | {metrics['perf/images_per_s']:.0f} img/s | "
+    # A window of steps all dropped as non-finite (engine.nonfinite=skip) has no loss or accuracy.
+    fit = (f"loss {metrics['train/loss']:.3f} | top-1 {100 * metrics['train/top1']:.1f} %"
+           if "train/loss" in metrics else "all steps dropped (non-finite)")
+    return (f"step {_where(step, total, steps_per_epoch)} | {fit} | {metrics['perf/images_per_s']:.0f} img/s | "
             f"ETA {_clock(eta_s)}")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from trainer.config import TrainConfig, apply_overrides, load_config
+from trainer.health import NonFiniteError
 from trainer.recipes import get_recipe
 from trainer.trainer import Report, Trainer
 
@@ -68,6 +69,9 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as e:  # argparse: --help, usage errors
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except NonFiniteError as e:  # the run's own verdict, not a bug: one line, no traceback
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"[trainer] stopped: {e}", file=sys.stderr)
     except BaseException:
         traceback.print_exc()  # os._exit below would swallow it
     finally:

@@ -5,6 +5,10 @@
 
 Construction does the whole setup, including the restore; `restore(step_dir)` may also be called later to
 roll the run back to a checkpoint. Every rank runs the same calls in the same order (they are collective).
+
+A non-finite loss or gradient on any rank is found by one all-reduce per step, before the update, and every
+rank then follows `engine.nonfinite` (trainer.health): skip the step, stop, or roll back to the newest
+checkpoint and continue after the batches that diverged.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import init_distributed, rank_seed, seed_all
 from trainer.evaluate import evaluate
 from trainer.export import export
+from trainer.health import NonFiniteError, grads_finite, ranks_flagged, weights_finite
 from trainer.metrics import TrainWindow, peak_memory_gib
 from trainer.precision import autocast, model_input
 from trainer.progress import MetricsFile, eval_line, step_line
@@ -43,6 +48,10 @@ from trainer.wrap import wrap
 
 Report = Callable[[dict[str, float], str], None]
 """Called after every checkpoint with the metrics and the step directory (the Ray launcher's hook)."""
+
+
+class RolledBack(Exception):
+    """Raised inside `fit` after a rollback: the epoch loop restarts from the restored position."""
 
 
 class Trainer:
@@ -84,6 +93,8 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.evaluated_at = -1
         self.window = TrainWindow(self.device)
+        self._skipped = False  # whether the last step was dropped as non-finite
+        self._event_step = -1  # the step of the last health event logged
         # Hooks only inside `with`, on the last micro-batch of logging steps.
         self.grad_norms = BlockGradNorms(self.engine)
         self.metrics_file = None
@@ -94,33 +105,43 @@ class Trainer:
         self.logger = self._start_record() if self.rank == 0 else None
 
     def fit(self) -> dict[str, Any]:
-        cfg, p = self.cfg, self.progress
+        p = self.progress
         # A tqdm bar only on a terminal (disable=None); job logs get the one-line summaries of log_train.
         bar = tqdm(total=self.total_steps, initial=p.step, disable=None if self.rank == 0 else True,
                    desc="train", dynamic_ncols=True)
         self.engine.train()
         try:
-            while p.step < self.end:
-                for micro_batches in self._steps_left_in_epoch():
-                    self.train_step(micro_batches)
-                    bar.update(1)
-                    if p.step % cfg.log_every == 0 or p.step == self.end:
-                        self.log_train()
-                    mid_epoch = p.epoch_step < self.steps_per_epoch and p.step < self.end
-                    if mid_epoch and cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
-                        self.save()
-                if p.epoch_step == self.steps_per_epoch:
-                    self._next_epoch()
+            while True:
+                try:
+                    self._train_to_end(bar)
+                    break
+                except RolledBack:
+                    bar.reset(total=self.total_steps)
+                    bar.update(p.step)
             bar.close()
-            if p.step == self.total_steps and self.evaluated_at != p.step:
-                self.save(self.evaluate())
-            elif self.saved_step != p.step:
-                self.save()
         except BaseException as e:
             if self.logger:  # not left RUNNING; a resume reopens it
                 self.logger.close("KILLED" if isinstance(e, KeyboardInterrupt | SystemExit) else "FAILED")
             raise
         return self.close()
+
+    def _train_to_end(self, bar) -> None:
+        cfg, p = self.cfg, self.progress
+        while p.step < self.end:
+            for micro_batches in self._steps_left_in_epoch():
+                self.train_step(micro_batches)
+                bar.update(1)
+                if p.step % cfg.log_every == 0 or p.step == self.end:
+                    self.log_train()
+                mid_epoch = p.epoch_step < self.steps_per_epoch and p.step < self.end
+                if mid_epoch and cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                    self.save()
+            if p.epoch_step == self.steps_per_epoch:
+                self._next_epoch()
+        if p.step == self.total_steps and self.evaluated_at != p.step:
+            self.save(self.evaluate())
+        elif self.saved_step != p.step:
+            self.save()
 
     def _steps_left_in_epoch(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
         """The micro-batches of each remaining optimizer step of this epoch, drawn lazily so the loader's
@@ -131,10 +152,15 @@ class Trainer:
             yield itertools.islice(batches, self.accum)
 
     def train_step(self, micro_batches) -> None:
-        """One optimizer step over `accum` micro-batches; DeepSpeed applies the optimizer on the last."""
+        """One optimizer step over `accum` micro-batches; DeepSpeed applies the optimizer on the last,
+        after the collective finiteness check (`_check_step`)."""
         cfg, p = self.cfg, self.progress
         t0 = time.perf_counter()
         logging = (p.step + 1) % cfg.log_every == 0 or p.step + 1 == self.end
+        poisoned = (p.epoch * self.steps_per_epoch + p.epoch_step in cfg.engine.nan_at_batches
+                    and cfg.engine.nan_rank in (-1, self.rank))
+        bad_loss = torch.zeros((), device=self.device)
+        seen = []
         done = 0
         for x, y in micro_batches:
             x = model_input(x, self.device, cfg.engine.precision, self.time_first)
@@ -145,17 +171,120 @@ class Trainer:
                 # Label -1 marks a sample the loader could not decode (logged and counted there).
                 loss = (F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing,
                                         ignore_index=-1) if (y >= 0).any() else logits.float().sum() * 0.0)
+                if poisoned:
+                    loss = loss * float("nan")  # NaN gradients too, as a real divergence has
                 self.engine.backward(loss)
-            self.engine.step()
-            self.window.add(loss.detach(), logits.detach(), y)
+            bad_loss += ~loss.detach().isfinite()
+            seen.append((loss.detach(), logits.detach(), y))
             done += 1
+            if done == self.accum:
+                self._check_step(bad_loss, t0)  # may raise (stop) or roll back (RolledBack)
+            else:
+                self.engine.step()
         if done < self.accum:
             raise RuntimeError(f"the training loader ended after {p.epoch_step} of {self.steps_per_epoch} "
                                f"steps of epoch {p.epoch}; its len() promised more batches")
+        if not self._skipped:
+            for loss, logits, y in seen:
+                self.window.add(loss, logits, y)
         p.step += 1
         p.epoch_step += 1
         self.window.steps += 1
         self.window.seconds += time.perf_counter() - t0
+
+    def _check_step(self, bad_loss: torch.Tensor, t0: float) -> None:
+        """The accumulation boundary: find (collectively) whether this step is finite, then let DeepSpeed
+        apply it, or make it a step without update and follow engine.nonfinite."""
+        cfg, engine = self.cfg, self.engine
+        # fp16's loss scaler expects and handles overflowing gradients itself; only its loss counts here.
+        check_grads = cfg.engine.precision != "fp16"
+        grads_ok = grads_finite(engine.module.parameters(), self.device) if check_grads else bad_loss == 0
+        loss_ranks, grad_ranks = ranks_flagged(torch.stack([bad_loss, (~grads_ok).float()]))
+        bad = bool(loss_ranks or grad_ranks)
+        if not bad:
+            engine.step()
+            if cfg.engine.zero_stage > 0 and check_grads and not engine._step_applied:
+                # ZeRO's own norm check (fp32) dropped it: gradients this rank could not see were non-finite.
+                bad, grad_ranks = True, list(range(self.world))
+        elif cfg.engine.zero_stage == 0:
+            # SGD leaves parameters without a gradient untouched (no momentum or weight decay either), and
+            # DeepSpeed steps the lr schedule as usual.
+            for param in engine.module.parameters():
+                param.grad = None
+            engine.step()
+        else:
+            self._zero_step_as_overflow()
+            if engine._step_applied:
+                raise RuntimeError("DeepSpeed applied an optimizer step that was found non-finite")
+        if bad and not engine._step_applied and engine.lr_scheduler is not None:
+            engine.lr_scheduler.step()  # a dropped step still counts in the schedule, as at ZeRO-0
+        self._skipped = bad
+        if bad:
+            what = "loss" if loss_ranks else "gradients"
+            ranks = loss_ranks or grad_ranks
+            self._nonfinite(f"non-finite {what} on rank(s) {ranks} at step {self.progress.step + 1}",
+                            time.perf_counter() - t0)
+
+    def _zero_step_as_overflow(self) -> None:
+        """ZeRO >= 1 holds the gradients in its partitions: take its own overflow path for this step (free
+        the gradients, no update), as it does for an fp16 overflow. Its check would not fire for fp32 and
+        bf16, so it is made to report one; every rank gets here together (the decision was collective)."""
+        zero = self.engine.optimizer
+        was = zero.check_grad_overflow
+        zero.check_grad_overflow = True
+        zero.check_overflow = lambda partition_gradients=True: setattr(zero, "overflow", True)
+        try:
+            self.engine.step()
+        finally:
+            del zero.check_overflow
+            zero.check_grad_overflow = was
+
+    def _nonfinite(self, what: str, detect_s: float, consumed: int = 1) -> None:
+        """Follow engine.nonfinite for a non-finite step (`consumed`: whether its batches were read)."""
+        cfg, p = self.cfg, self.progress
+        p.nonfinite_steps += 1
+        policy = cfg.engine.nonfinite
+        event = {"health/nonfinite_steps": p.nonfinite_steps, "health/rollbacks": p.rollbacks,
+                 "health/detect_s": detect_s}
+        if policy == "skip":
+            self._log_event(event, p.step + consumed)
+            if self.rank == 0:
+                tqdm.write(f"[trainer] {what}: step dropped (engine.nonfinite=skip)")
+            return
+        if policy == "stop":
+            self._log_event(event, p.step + consumed)
+            raise NonFiniteError(f"{what}; engine.nonfinite=stop. The newest checkpoint "
+                                 f"({self.checkpoints.newest() or 'none yet'}) is finite.")
+        target = self.checkpoints.newest()
+        if target is None or p.rollbacks >= cfg.engine.max_rollbacks:
+            self._log_event(event, p.step + consumed)
+            why = ("no checkpoint to roll back to yet" if target is None else
+                   f"{p.rollbacks} rollback(s) done, engine.max_rollbacks={cfg.engine.max_rollbacks}")
+            raise NonFiniteError(f"{what}; {why}. Lower optim.lr or raise optim.grad_clip; the newest "
+                                 f"checkpoint ({target or 'none'}) is finite.")
+        self._roll_back(target, what, event, p.step + consumed, p.epoch_step + consumed)
+
+    def _roll_back(self, target: Path, what: str, event: dict[str, float], failed_step: int,
+                   epoch_step: int) -> None:
+        """Collective: the engine, RNG and step counter of `target`; the data position stays where it is
+        (`epoch_step` steps into this epoch), so the diverged window's batches are not read again."""
+        p = self.progress
+        epoch = p.epoch
+        counters = (p.nonfinite_steps, p.rollbacks + 1)
+        self._log_event({**event, "health/rollbacks": counters[1]}, failed_step)
+        self.restore(target)
+        p.nonfinite_steps, p.rollbacks = counters
+        p.epoch, p.epoch_step = epoch, epoch_step
+        if epoch_step < self.steps_per_epoch:
+            self.train_loader.seek(epoch, epoch_step * self.accum)
+        else:
+            self.train_loader.seek(epoch, 0)  # the epoch is over: `_next_epoch` moves the loader on
+        self.window = TrainWindow(self.device)
+        if self.rank == 0:
+            tqdm.write(f"[trainer] {what}: rolled back to {target.name} (rollback {p.rollbacks} of at most "
+                       f"{self.cfg.engine.max_rollbacks}); {failed_step - p.step} step(s) to recompute, "
+                       f"continuing at batch {epoch_step} of epoch {epoch}")
+        raise RolledBack
 
     def _next_epoch(self) -> None:
         p = self.progress
@@ -168,6 +297,7 @@ class Trainer:
     def log_train(self) -> None:
         cfg, p, engine = self.cfg, self.progress, self.engine
         m = {**self.window.metrics(cfg.optim.global_batch), "optim/lr": engine.get_lr()[0],
+             "health/nonfinite_steps": p.nonfinite_steps, "health/rollbacks": p.rollbacks,
              "memory/peak_gib": peak_memory_gib(self.device), "progress/epoch": p.epoch,
              "progress/images_seen": p.step * cfg.optim.global_batch}
         # DeepSpeed divides each micro-batch loss by `accum` (and multiplies by the fp16 loss scale).
@@ -200,6 +330,15 @@ class Trainer:
     def save(self, val_here: float | None = None) -> Path:
         """Collective: a checkpoint of this step (`val_here`: its validation top-1, if measured)."""
         cfg, p = self.cfg, self.progress
+        if not weights_finite(self.engine.module):
+            # A step with finite loss and gradients overflowed the weights. They are never written, so the
+            # checkpoints on disk (and the ones pruning keeps) are all finite.
+            what = f"non-finite weights after step {p.step}"
+            if cfg.engine.nonfinite == "skip":
+                p.nonfinite_steps += 1
+                raise NonFiniteError(f"{what} (finite loss and gradients overflowed them); "
+                                     "engine.nonfinite=skip cannot undo an applied update")
+            self._nonfinite(what, 0.0, consumed=0)
         p.mlflow_run_id = self.logger.run_id if self.logger else p.mlflow_run_id
         meta = CheckpointMeta(p, world_size=self.world, zero_stage=cfg.engine.zero_stage,
                               precision=cfg.engine.precision, grad_accumulation=self.accum, config=to_dict(cfg),
@@ -213,7 +352,7 @@ class Trainer:
     def restore(self, step_dir: Path) -> None:
         """Collective: continue from `step_dir` as if the run had just written it."""
         meta = self.checkpoints.restore(self.engine, self.train_loader, Path(step_dir), self.cfg.engine.seed,
-                                        self.accum)
+                                        self.accum, self.cfg.optim.global_batch)
         vars(self.progress).update(vars(meta.progress))  # in place: `fit` holds on to it
         self.saved_step = self.progress.step
 
@@ -277,8 +416,15 @@ class Trainer:
               flush=True)
         return logger
 
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log_event(self, metrics: dict[str, float], step: int) -> None:
+        """A health event at `step`, or just after the previous event's step: after a rollback the same step
+        can fail again, and metrics keep one value per key and step (MLflow and metrics.jsonl alike)."""
+        self._event_step = max(step, self._event_step + 1)
+        self._log(metrics, self._event_step)
+
+    def _log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        step = self.progress.step if step is None else step
         if self.logger:
-            self.logger.log_metrics(metrics, self.progress.step)
+            self.logger.log_metrics(metrics, step)
         if self.metrics_file:
-            self.metrics_file.write(self.progress.step, metrics)
+            self.metrics_file.write(step, metrics)

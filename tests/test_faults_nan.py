@@ -1,0 +1,144 @@
+"""Non-finite losses on 2 real ranks (DeepSpeed engine, gloo): engine.nonfinite = rollback | skip | stop.
+
+The NaN is injected on rank 1 only (engine.nan_at_batches / nan_rank), so rank 0 sees finite numbers and
+acts only because the check is collective; a rank acting alone would hang the other in its next collective.
+The issue's own reproduction (a huge lr on digits_tiny) runs last. One spawned group runs every training
+back to back; the tests assert on what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_fixtures import digits_shards, spawn, tiny_config
+
+from trainer.checkpoint import complete_checkpoints, read_meta
+from trainer.export import consolidated_state_dict
+
+pytestmark = pytest.mark.slow
+
+# 2 ranks x micro 16 = global 32: 42 steps per epoch, so all of this stays in epoch 0. Data position 10 is
+# what step 11 reads; the newest checkpoint before it is step 8.
+BASE = ["optim.max_steps=16", "checkpoint.every_steps=4", "checkpoint.keep_last=1", "log_every=1"]
+POISON = ["engine.nan_at_batches=[10]", "engine.nan_rank=1"]
+
+
+def _worker(rank: int, data: Path, out: Path) -> None:
+    from trainer.health import NonFiniteError
+    from trainer.train import train
+
+    results: dict = {}
+
+    def run(name: str, *overrides: str) -> None:
+        cfg = tiny_config(data, out / name.split("#")[0], *overrides)
+        try:
+            results[name] = {"result": train(cfg)}
+        except NonFiniteError as e:
+            results[name] = {"error": str(e)}
+
+    run("rollback", *BASE, *POISON)
+    run("rollback_resumed#1", *BASE, *POISON, "stop_at_step=12", "checkpoint.keep_last=5")
+    run("rollback_resumed#2", *BASE, *POISON, "checkpoint.keep_last=5")
+    run("skip", *BASE, *POISON, "engine.nonfinite=skip", "optim.max_steps=11", "checkpoint.every_steps=10",
+        "checkpoint.keep_last=5")
+    run("skip_z2", *BASE, *POISON, "engine.nonfinite=skip", "engine.zero_stage=2", "optim.max_steps=11",
+        "checkpoint.every_steps=10", "checkpoint.keep_last=5")
+    run("stop", *BASE, *POISON, "engine.nonfinite=stop")
+    # The issue: lr 1e6 diverges; with keep_last=2 main saved non-finite weights and pruned the finite ones.
+    run("huge_lr", "optim.lr=1000000.0", "checkpoint.every_steps=2", "engine.max_rollbacks=2")
+    (out / f"results{rank}.json").write_text(json.dumps(results, default=str))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    data = digits_shards(tmp_path_factory)
+    out = tmp_path_factory.mktemp("nan_runs")
+    spawn(_worker, 2, data, out)
+    return out, [json.loads((out / f"results{r}.json").read_text()) for r in range(2)]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _all_finite(run_dir: Path) -> list[str]:
+    steps = complete_checkpoints(run_dir / "checkpoints")
+    assert steps, f"no checkpoint in {run_dir}"
+    for step_dir in steps:
+        for k, v in consolidated_state_dict(step_dir).items():
+            assert v.isfinite().all(), f"{step_dir.name}: {k} is not finite"
+    return [d.name for d in steps]
+
+
+def _params(step_dir: Path) -> dict[str, torch.Tensor]:
+    sd = consolidated_state_dict(step_dir)
+    return {k: v for k, v in sd.items() if "running" not in k and "num_batches" not in k}
+
+
+def test_rollback_recomputes_from_the_last_checkpoint_and_finishes(runs):
+    out, results = runs
+    for r in range(2):  # both ranks took the same path, although only rank 1 saw the NaN
+        assert results[r]["rollback"]["result"]["step"] == 16
+    meta = read_meta(out / "rollback" / "checkpoints" / "step_00000016")
+    # Steps 9..11 recomputed from step 8; the data moved on past position 10, so it ends 3 batches further.
+    assert (meta["step"], meta["epoch_step"], meta["rollbacks"], meta["nonfinite_steps"]) == (16, 19, 1, 1)
+    assert _all_finite(out / "rollback") == ["step_00000016"]
+    rows = _metrics(out / "rollback")
+    events = [r for r in rows if "health/detect_s" in r]
+    assert [(e["step"], e["health/rollbacks"]) for e in events] == [(11, 1)]
+    last = [r for r in rows if "health/rollbacks" in r][-1]
+    assert (last["step"], last["health/rollbacks"], last["health/nonfinite_steps"]) == (16, 1, 1)
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    figures = {"detect_s": events[0]["health/detect_s"], "steps_recomputed": 11 - 8}
+    print(f"rollback figures: {figures}")
+    (out / "rollback_figures.json").write_text(json.dumps(figures))
+
+
+def test_resume_after_a_rollback_continues_identically(runs):
+    out, results = runs
+    first, second = results[0]["rollback_resumed#1"]["result"], results[0]["rollback_resumed#2"]["result"]
+    assert first["step"] == 12 and second["resumed_from"].endswith("step_00000012")
+    assert read_meta(second["resumed_from"])["epoch_step"] == 15  # the skipped window is recorded
+    a = consolidated_state_dict(out / "rollback" / "checkpoints" / "step_00000016")
+    b = consolidated_state_dict(Path(second["checkpoint"]))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("run", ["skip", "skip_z2"])
+def test_skip_drops_the_update_and_counts_it(runs, run):
+    out, results = runs
+    assert results[1][run]["result"]["step"] == 11
+    root = out / run / "checkpoints"
+    before, after = _params(root / "step_00000010"), _params(root / "step_00000011")
+    for k in before:  # step 11 (rank 1's NaN) changed no weight on any rank
+        assert torch.equal(before[k], after[k]), k
+    meta = read_meta(root / "step_00000011")
+    assert (meta["nonfinite_steps"], meta["rollbacks"], meta["epoch_step"]) == (1, 0, 11)
+    _all_finite(out / run)
+
+
+def test_stop_exits_at_once_with_one_message_on_every_rank(runs):
+    out, results = runs
+    messages = [results[r]["stop"]["error"] for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "non-finite loss on rank(s) [1] at step 11" in messages[0] and "engine.nonfinite=stop" in messages[0]
+    assert _all_finite(out / "stop") == ["step_00000008"]
+
+
+def test_huge_lr_never_writes_non_finite_weights_and_stops(runs):
+    out, results = runs
+    for r in range(2):
+        assert "error" in results[r]["huge_lr"], results[r]["huge_lr"]
+        assert "engine.max_rollbacks=2" in results[r]["huge_lr"]["error"]
+    names = _all_finite(out / "huge_lr")
+    assert names  # the last finite checkpoint is kept
+    events = [(r["step"], r["health/rollbacks"], r["health/nonfinite_steps"])
+              for r in _metrics(out / "huge_lr") if "health/detect_s" in r]
+    # Two rollbacks, then the stop; each event keeps its own point (steps increase though the run went back).
+    assert [e[1:] for e in events] == [(1, 1), (2, 2), (2, 3)], events
+    assert [e[0] for e in events] == sorted({e[0] for e in events}), events
