@@ -126,11 +126,16 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
     shape = transforms.output_shape(cfg, stored, train)
     side = stored[0] if stored else manifest.get("stats", {}).get("median_short_side", cfg.image_size)
     if cfg.format == "wds":
+        from dataloaders.decoders import ReducedResizedCrop
         from dataloaders.wds_reader import ShardSet, WdsDataset
 
-        augment = transforms.augment(cfg, train, side, cropped_by_decoder=False)
+        reduced = cfg.reduced_decode and train
+        if reduced and manifest["sample"]["ext"] != "jpg":
+            raise ValueError(f"data.reduced_decode decodes JPEGs; {cfg.path} stores {manifest['sample']['ext']}")
+        augment = transforms.augment(cfg, train, side, cropped_by_decoder=reduced)
+        crop = ReducedResizedCrop(cfg.image_size, cfg.hflip) if reduced else None
         shards = ShardSet(cfg.path, manifest, cfg.cache_dir)
-        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder)
+        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder, crop)
         stream = ShardStream(shards, cfg.retries, cfg.retry_backoff) if cfg.access == "stream" else None
         return Loader(plan, _TorchBackend(dataset, cfg.num_workers, stream), transforms.normalize(cfg, manifest),
                       manifest["classes"])

@@ -108,11 +108,13 @@ def decode(ext: str, data: bytes, jpeg_decoder: str) -> torch.Tensor:
 
 class WdsDataset(torch.utils.data.Dataset):
     """Item (position, seed or None[, shard name, sample]) -> (augmented uint8 sample, label, undecodable?);
-    the loader normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
-    and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them)."""
+    the trainer normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
+    and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them).
+    `crop`: a decoder that also crops (`decoders.ReducedResizedCrop`), drawing from the sample's seed
+    before `augment` does."""
 
-    def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str):
-        self.shards, self.ext, self.augment, self.jpeg_decoder = shards, ext, augment, jpeg_decoder
+    def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str, crop=None):
+        self.shards, self.ext, self.augment, self.jpeg_decoder, self.crop = shards, ext, augment, jpeg_decoder, crop
         self.blank = torch.zeros(blank_shape, dtype=torch.uint16 if ext == "npy.gz" else torch.uint8)
 
     def __len__(self) -> int:
@@ -124,11 +126,13 @@ class WdsDataset(torch.utils.data.Dataset):
             return self.blank, -1, False
         shard, sample = streamed or self.shards.read(index)
         try:
-            x, label = decode(self.ext, sample[self.ext], self.jpeg_decoder), int(sample["cls"])
-            if self.augment is not None:
-                x = seeded(self.augment, x, seed)
-            return x, label, False
+            label = int(sample["cls"])
+            return seeded(self._decode_augment, sample[self.ext], seed), label, False
         except (RuntimeError, ValueError, OSError, KeyError, EOFError) as e:
             log.warning("skipping undecodable sample %d of %s/%s: %s", index, self.shards.split, shard, e)
             return self.blank, -1, True
+
+    def _decode_augment(self, data: bytes) -> torch.Tensor:
+        x = self.crop(data) if self.crop is not None else decode(self.ext, data, self.jpeg_decoder)
+        return x if self.augment is None else self.augment(x)
 
