@@ -14,8 +14,10 @@ with `dataloaders.convert` (wds; ffcv jpg; ffcv raw at --max-side), and reads th
 - the FFCV path: build_loader(format='ffcv') on the JPEG and on the raw .beton
 Every path gets the same worker count (worker processes, or FFCV threads) and batch size, one untimed
 warm-up pass (worker start-up, FFCV's JIT), then --epochs timed passes. images/s/core divides the images
-by the CPU seconds all the loader's processes and threads spent (so other load on the machine does not
-distort it); images/s is plain wall-clock throughput. FFCV recompiles its seeded crop at each new epoch;
+by the CPU seconds all the loader's processes and threads spent (what the targets mean, and far less
+sensitive to other load on the machine than wall-clock images/s, printed beside it with the load average).
+The deepspike paths stop at uint8 batches (the trainer normalises on its device); the cost of that
+normalisation on a CPU device is printed on its own. FFCV recompiles its seeded crop at each new epoch;
 that one-off cost is printed separately (the timed passes replay one epoch).
 """
 
@@ -28,6 +30,7 @@ import functools
 import http.server
 import io
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -51,22 +54,38 @@ WDS_TARGET, FFCV_TARGET = 800, 1.5
 """The data issue's targets: images/s per core on the wds path; FFCV jpg per core as a multiple of wds."""
 
 
-def _cpu_seconds() -> float:
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system seconds of (this process with its threads, its worker processes)."""
+    me, workers = psutil.Process(), 0.0
     for child in me.children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):  # a worker that just exited
-            total += sum(child.cpu_times()[:2])
-    return total
+            workers += sum(child.cpu_times()[:2])
+    return sum(me.cpu_times()[:2]), workers
 
 
-def _measure(passes, epochs: int) -> tuple[int, float, float]:
-    """(images, wall seconds, CPU seconds) over `epochs` timed passes after one warm-up pass; padding rows
-    (label -1: stream mode fills its last batch with them) are not images."""
+def _measure(passes, epochs: int) -> tuple[int, float, float, float]:
+    """(images, wall seconds, CPU seconds in all, of them in the main process) over `epochs` timed passes
+    after one warm-up pass; padding rows (label -1: stream mode fills its last batch with them) are not
+    images."""
     sum(len(y) for _, y in passes())
-    cpu, t = _cpu_seconds(), time.perf_counter()
+    (main, workers), t = _cpu_seconds(), time.perf_counter()
     n = sum(int((y >= 0).sum()) for _ in range(epochs) for _, y in passes())
-    return n, time.perf_counter() - t, _cpu_seconds() - cpu
+    wall, (main_end, workers_end) = time.perf_counter() - t, _cpu_seconds()
+    return n, wall, main_end - main + workers_end - workers, main_end - main
+
+
+def _normalize_rate(batch: int, epochs: int) -> float:
+    """images/s on one core of the loader's normalize on a CPU device: what `model_input` adds to the
+    training process when there is no GPU (on one, it runs there)."""
+    from dataloaders.transforms import Normalize
+
+    torch.set_num_threads(1)
+    norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    x, y = torch.zeros(batch, 3, 224, 224, dtype=torch.uint8), torch.zeros(batch, dtype=torch.int64)
+    t = time.process_time()
+    for _ in range(10 * epochs):
+        norm(x, y)
+    return 10 * epochs * batch / (time.process_time() - t)
 
 
 def _baseline(root: Path, batch: int, workers: int):
@@ -192,6 +211,7 @@ def main(argv=None):
     p.add_argument("--max-side", type=int, default=512)
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench_loaders_"))
+    load = [os.getloadavg()[0]]
     try:
         t = time.perf_counter()
         src = imagenet(tmp / "src", a.classes, a.per_class, min_side=300, max_side=500)
@@ -204,6 +224,7 @@ def main(argv=None):
 
         files = [f.read_bytes() for f in sorted((tmp / "src" / "train").glob("*/*"))]
         decoders = _decoder_rows(files, a.epochs)
+        normalize = _normalize_rate(a.batch_size, a.epochs)
         base = DataConfig(dataset="imagenet", batch_size=a.batch_size, num_workers=a.workers, image_size=224,
                           auto_augment=False, hflip=True)
         rows = [("torchvision ImageFolder + DataLoader", _measure(_baseline(src, a.batch_size, a.workers),
@@ -225,6 +246,7 @@ def main(argv=None):
                     t = time.perf_counter()
                     next(iter(loader))
                     recompile = max(recompile, time.perf_counter() - t)
+        load.append(os.getloadavg()[0])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -235,15 +257,20 @@ def main(argv=None):
     for name, rate in decoders:
         print(f"{name:38} {rate:14.0f} {rate / old:14.2f}x")
 
-    wds_rate = rows[1][1][0] / rows[1][1][2]
+    wds_rate, wds_wall = rows[1][1][0] / rows[1][1][2], rows[1][1][0] / rows[1][1][1]
     print(f"\n{a.workers} workers, batch {a.batch_size}, {a.epochs} timed passes over "
-          f"{a.classes * a.per_class} images (long side 300-500 px, stored at <= {a.max_side} px)")
-    print(f"{'path':38} {'images':>7} {'wall s':>7} {'images/s':>9} {'CPU s':>7} {'images/s/core':>14} "
-          f"{'vs wds':>7}")
-    for name, (n, wall, cpu) in rows:
-        print(f"{name:38} {n:7d} {wall:7.2f} {n / wall:9.0f} {cpu:7.2f} {n / cpu:14.0f} "
-              f"{n / cpu / wds_rate:6.2f}x")
-    n, _, cpu = rows[4][1]
+          f"{a.classes * a.per_class} images (long side 300-500 px, stored at <= {a.max_side} px); load average "
+          f"{load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} CPUs")
+    print("CPU s: all the path's processes and threads; main: of them the loading process (FFCV's threads run "
+          "there). The ImageFolder baseline normalises in its workers; the deepspike paths hand over uint8, "
+          "normalised on the training device")
+    print(f"{'path':38} {'images':>7} {'wall s':>7} {'images/s':>9} {'vs wds':>7} {'CPU s':>7} {'main':>6} "
+          f"{'images/s/core':>14} {'vs wds':>7}")
+    for name, (n, wall, cpu, main) in rows:
+        print(f"{name:38} {n:7d} {wall:7.2f} {n / wall:9.0f} {n / wall / wds_wall:6.2f}x {cpu:7.2f} {main:6.2f} "
+              f"{n / cpu:14.0f} {n / cpu / wds_rate:6.2f}x")
+    print(f"normalise a uint8 batch on a CPU device (model_input without a GPU): {normalize:.0f} images/s/core")
+    n, _, cpu, _ = rows[4][1]
     ffcv_ratio = n / cpu / wds_rate
     print(f"targets: wds >= {WDS_TARGET} images/s/core: {wds_rate:.0f} "
           f"({'met' if wds_rate >= WDS_TARGET else 'missed'}); FFCV jpg >= {FFCV_TARGET}x wds: {ffcv_ratio:.2f}x "
