@@ -134,7 +134,7 @@ def _decoder_rows(files: list[bytes], epochs: int) -> list[tuple[str, float]]:
             runs.append((name, _then(get_decoder(name), crop_flip)))
         except ValueError as e:
             print(f"decoder {name} skipped: {e}")
-    runs.append(("simplejpeg, reduced scale (reduced_decode)", ReducedResizedCrop(224, flip=True)))
+    runs.append(("simplejpeg reduced (reduced_decode)", ReducedResizedCrop(224, flip=True)))
     for name in ("opencv", "pil"):
         with contextlib.suppress(ImportError):
             runs.append((f"{name}, reduced scale", ReducedResizedCrop(224, flip=True, decode=_scaled(name))))
