@@ -1,21 +1,25 @@
-"""Data-loading throughput: decode + RandomResizedCrop 224 + flip + normalise, side by side.
+"""Data-loading throughput: decode + RandomResizedCrop 224 + flip (+ normalise), side by side.
 
     python -m bench.loaders [--classes 10 --per-class 40 --workers 2 --epochs 3 --max-side 512]
 
-First every JPEG decoder of `data.decoder` (and, as probes, decoding at a reduced scale when the crop
-allows it: libjpeg-turbo's scaled DCT through simplejpeg and OpenCV, PIL's draft mode) decodes the stored
-JPEGs and crops them in one process on one core, against torchvision's decoder (the old default).
+First every JPEG decoder of `data.decoder` (and decoding at a reduced scale when the crop allows it:
+data.reduced_decode, libjpeg-turbo's scaled DCT through simplejpeg; as probes OpenCV's and PIL's draft
+mode) decodes the stored JPEGs and crops them in one process on one core, against torchvision's decoder
+(the old default).
 
 Writes an ImageNet-layout folder of real JPEGs with ImageNet-like sizes (long side 300-500 px), converts it
 with `dataloaders.convert` (wds; ffcv jpg; ffcv raw at --max-side), and reads the same images through:
 - torchvision ImageFolder + DataLoader (PIL decode, transforms v2): the baseline
-- the WebDataset path: build_loader(format='wds') with the default decoder, with the old one, and with
-  data.access=stream reading the shards from a local HTTP server on 127.0.0.1 (its thread is counted)
+- the WebDataset path: build_loader(format='wds') with the default decoder, with the old one, with
+  data.reduced_decode, and with data.access=stream reading the shards from a local HTTP server on
+  127.0.0.1 (its thread is counted)
 - the FFCV path: build_loader(format='ffcv') on the JPEG and on the raw .beton
 Every path gets the same worker count (worker processes, or FFCV threads) and batch size, one untimed
 warm-up pass (worker start-up, FFCV's JIT), then --epochs timed passes. images/s/core divides the images
-by the CPU seconds all the loader's processes and threads spent (so other load on the machine does not
-distort it); images/s is plain wall-clock throughput. FFCV recompiles its seeded crop at each new epoch;
+by the CPU seconds all the loader's processes and threads spent (what the targets mean, and far less
+sensitive to other load on the machine than wall-clock images/s, printed beside it with the load average).
+The deepspike paths stop at uint8 batches (the trainer normalises on its device); the cost of that
+normalisation on a CPU device is printed on its own. FFCV recompiles its seeded crop at each new epoch;
 that one-off cost is printed separately (the timed passes replay one epoch).
 """
 
@@ -28,6 +32,7 @@ import functools
 import http.server
 import io
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -37,36 +42,52 @@ from pathlib import Path
 import psutil
 import torch
 from torchvision import datasets
-from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms import v2
 
 from dataloaders import DataConfig, build_loader
 from dataloaders.config import DECODERS
 from dataloaders.convert import convert
 from dataloaders.datasets.imagenet import MEAN as IMAGENET_MEAN
 from dataloaders.datasets.imagenet import STD as IMAGENET_STD
-from dataloaders.decoders import get_decoder
+from dataloaders.decoders import ReducedResizedCrop, get_decoder
 from dataloaders.synthetic import imagenet
 
 WDS_TARGET, FFCV_TARGET = 800, 1.5
 """The data issue's targets: images/s per core on the wds path; FFCV jpg per core as a multiple of wds."""
 
 
-def _cpu_seconds() -> float:
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system seconds of (this process with its threads, its worker processes)."""
+    me, workers = psutil.Process(), 0.0
     for child in me.children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):  # a worker that just exited
-            total += sum(child.cpu_times()[:2])
-    return total
+            workers += sum(child.cpu_times()[:2])
+    return sum(me.cpu_times()[:2]), workers
 
 
-def _measure(passes, epochs: int) -> tuple[int, float, float]:
-    """(images, wall seconds, CPU seconds) over `epochs` timed passes after one warm-up pass; padding rows
-    (label -1: stream mode fills its last batch with them) are not images."""
+def _measure(passes, epochs: int) -> tuple[int, float, float, float]:
+    """(images, wall seconds, CPU seconds in all, of them in the main process) over `epochs` timed passes
+    after one warm-up pass; padding rows (label -1: stream mode fills its last batch with them) are not
+    images."""
     sum(len(y) for _, y in passes())
-    cpu, t = _cpu_seconds(), time.perf_counter()
+    (main, workers), t = _cpu_seconds(), time.perf_counter()
     n = sum(int((y >= 0).sum()) for _ in range(epochs) for _, y in passes())
-    return n, time.perf_counter() - t, _cpu_seconds() - cpu
+    wall, (main_end, workers_end) = time.perf_counter() - t, _cpu_seconds()
+    return n, wall, main_end - main + workers_end - workers, main_end - main
+
+
+def _normalize_rate(batch: int, epochs: int) -> float:
+    """images/s on one core of the loader's normalize on a CPU device: what `model_input` adds to the
+    training process when there is no GPU (on one, it runs there)."""
+    from dataloaders.transforms import Normalize
+
+    torch.set_num_threads(1)
+    norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    x, y = torch.zeros(batch, 3, 224, 224, dtype=torch.uint8), torch.zeros(batch, dtype=torch.int64)
+    t = time.process_time()
+    for _ in range(10 * epochs):
+        norm(x, y)
+    return 10 * epochs * batch / (time.process_time() - t)
 
 
 def _baseline(root: Path, batch: int, workers: int):
@@ -79,18 +100,13 @@ def _baseline(root: Path, batch: int, workers: int):
 
 
 def _scaled(name: str):
-    """decode(bytes, factor) at 1/factor of the stored size (factor 1, 2, 4 or 8)."""
+    """decode(bytes, factor) at 1/factor of the stored size (factor 1, 2, 4 or 8) with OpenCV or PIL: probes
+    beside `decoders.decode_reduced` (simplejpeg), which data.reduced_decode uses."""
     import cv2
     import numpy as np
-    import simplejpeg
     from PIL import Image
 
-    if name == "simplejpeg":
-        def decode(data, f):
-            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(h / f),
-                                          min_width=math.ceil(w / f))
-    elif name == "opencv":
+    if name == "opencv":
         flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                  8: cv2.IMREAD_REDUCED_COLOR_8}
 
@@ -104,27 +120,8 @@ def _scaled(name: str):
     return lambda data, f: torch.from_numpy(decode(data, f)).permute(2, 0, 1)
 
 
-def _decode_crop(decode, scaled: bool, ops):
-    """bytes -> RandomResizedCrop 224 + flip (`ops`; only the flip with `scaled`). With `scaled`, the crop is
-    drawn on the full size first and the JPEG decoded at the largest power-of-two reduction that leaves the
-    crop at least 224 px."""
-    def run(data: bytes) -> torch.Tensor:
-        if not scaled:
-            return ops(decode(data))
-        import simplejpeg
-
-        full_h, full_w, _, _ = simplejpeg.decode_jpeg_header(data)
-        i, j, h, w = RandomResizedCrop.get_params(torch.zeros(1, 1, 1).expand(3, full_h, full_w), (0.08, 1.0),
-                                                  (3 / 4, 4 / 3))
-        f = 1
-        while f < 8 and min(h, w) >= 2 * f * 224:
-            f *= 2
-        x = decode(data, f)
-        sy, sx = x.shape[1] / full_h, x.shape[2] / full_w
-        x = x[:, int(i * sy) : int(i * sy) + max(1, round(h * sy)), int(j * sx) : int(j * sx) + max(1, round(w * sx))]
-        return ops(v2.functional.resize(x, [224, 224], antialias=True))
-
-    return run
+def _then(decode, ops):
+    return lambda data: ops(decode(data))
 
 
 def _decoder_rows(files: list[bytes], epochs: int) -> list[tuple[str, float]]:
@@ -134,12 +131,13 @@ def _decoder_rows(files: list[bytes], epochs: int) -> list[tuple[str, float]]:
     runs = []
     for name in DECODERS:
         try:
-            runs.append((name, _decode_crop(get_decoder(name), False, crop_flip)))
+            runs.append((name, _then(get_decoder(name), crop_flip)))
         except ValueError as e:
             print(f"decoder {name} skipped: {e}")
-    for name in ("simplejpeg", "opencv", "pil"):
+    runs.append(("simplejpeg reduced (reduced_decode)", ReducedResizedCrop(224, flip=True)))
+    for name in ("opencv", "pil"):
         with contextlib.suppress(ImportError):
-            runs.append((f"{name}, reduced scale", _decode_crop(_scaled(name), True, v2.RandomHorizontalFlip())))
+            runs.append((f"{name}, reduced scale", ReducedResizedCrop(224, flip=True, decode=_scaled(name))))
     for _, run in runs:  # warm-up
         for data in files:
             run(data)
@@ -192,6 +190,7 @@ def main(argv=None):
     p.add_argument("--max-side", type=int, default=512)
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench_loaders_"))
+    load = [os.getloadavg()[0]]
     try:
         t = time.perf_counter()
         src = imagenet(tmp / "src", a.classes, a.per_class, min_side=300, max_side=500)
@@ -204,6 +203,7 @@ def main(argv=None):
 
         files = [f.read_bytes() for f in sorted((tmp / "src" / "train").glob("*/*"))]
         decoders = _decoder_rows(files, a.epochs)
+        normalize = _normalize_rate(a.batch_size, a.epochs)
         base = DataConfig(dataset="imagenet", batch_size=a.batch_size, num_workers=a.workers, image_size=224,
                           auto_augment=False, hflip=True)
         rows = [("torchvision ImageFolder + DataLoader", _measure(_baseline(src, a.batch_size, a.workers),
@@ -214,6 +214,7 @@ def main(argv=None):
                     (f"wds random, {base.decoder} (default)", "wds", str(tmp / "wds"), {}),
                     ("wds random, torchvision (old default)", "wds", str(tmp / "wds"), {"decoder": "torchvision"}),
                     (f"wds stream over HTTP, {base.decoder}", "wds", url, {"access": "stream"}),
+                    ("wds random, data.reduced_decode", "wds", str(tmp / "wds"), {"reduced_decode": True}),
                     ("FFCV jpg (deepspike ffcv)", "ffcv", str(tmp / "ffcv_jpg"), {}),
                     ("FFCV jpg, 1 thread", "ffcv", str(tmp / "ffcv_jpg"), {"num_workers": 1}),
                     ("FFCV raw (deepspike ffcv)", "ffcv", str(tmp / "ffcv_raw"), {})):
@@ -225,6 +226,7 @@ def main(argv=None):
                     t = time.perf_counter()
                     next(iter(loader))
                     recompile = max(recompile, time.perf_counter() - t)
+        load.append(os.getloadavg()[0])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -235,15 +237,20 @@ def main(argv=None):
     for name, rate in decoders:
         print(f"{name:38} {rate:14.0f} {rate / old:14.2f}x")
 
-    wds_rate = rows[1][1][0] / rows[1][1][2]
+    wds_rate, wds_wall = rows[1][1][0] / rows[1][1][2], rows[1][1][0] / rows[1][1][1]
     print(f"\n{a.workers} workers, batch {a.batch_size}, {a.epochs} timed passes over "
-          f"{a.classes * a.per_class} images (long side 300-500 px, stored at <= {a.max_side} px)")
-    print(f"{'path':38} {'images':>7} {'wall s':>7} {'images/s':>9} {'CPU s':>7} {'images/s/core':>14} "
-          f"{'vs wds':>7}")
-    for name, (n, wall, cpu) in rows:
-        print(f"{name:38} {n:7d} {wall:7.2f} {n / wall:9.0f} {cpu:7.2f} {n / cpu:14.0f} "
-              f"{n / cpu / wds_rate:6.2f}x")
-    n, _, cpu = rows[4][1]
+          f"{a.classes * a.per_class} images (long side 300-500 px, stored at <= {a.max_side} px); load average "
+          f"{load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} CPUs")
+    print("CPU s: all the path's processes and threads; main: of them the loading process (FFCV's threads run "
+          "there). The ImageFolder baseline normalises in its workers; the deepspike paths hand over uint8, "
+          "normalised on the training device")
+    print(f"{'path':38} {'images':>7} {'wall s':>7} {'images/s':>9} {'vs wds':>7} {'CPU s':>7} {'main':>6} "
+          f"{'images/s/core':>14} {'vs wds':>7}")
+    for name, (n, wall, cpu, main) in rows:
+        print(f"{name:38} {n:7d} {wall:7.2f} {n / wall:9.0f} {n / wall / wds_wall:6.2f}x {cpu:7.2f} {main:6.2f} "
+              f"{n / cpu:14.0f} {n / cpu / wds_rate:6.2f}x")
+    print(f"normalise a uint8 batch on a CPU device (model_input without a GPU): {normalize:.0f} images/s/core")
+    n, _, cpu, _ = rows[5][1]
     ffcv_ratio = n / cpu / wds_rate
     print(f"targets: wds >= {WDS_TARGET} images/s/core: {wds_rate:.0f} "
           f"({'met' if wds_rate >= WDS_TARGET else 'missed'}); FFCV jpg >= {FFCV_TARGET}x wds: {ffcv_ratio:.2f}x "

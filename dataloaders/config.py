@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataloaders.datasets import list_datasets
+from dataloaders.datasets import get_dataset, list_datasets
 
 FORMATS = ("wds", "ffcv")
 FOLDER_AUGMENTS = ("auto", "pad_crop", "resized_crop")
@@ -45,6 +45,11 @@ class DataConfig:
     decoder: str = "simplejpeg"
     """wds JPEGs: 'simplejpeg', 'torchvision' (the old default), 'opencv', 'torchcodec' or 'pil'; all give
     the same uint8 RGB pixels up to libjpeg rounding (dataloaders.decoders, measured by bench.loaders)."""
+    reduced_decode: bool = False
+    """wds train, data sets whose FFCV decoder crops (ImageNet, folder): draw the RandomResizedCrop first and
+    decode each JPEG at the largest power-of-two reduction that leaves the crop >= image_size px (libjpeg-
+    turbo's scaled IDCT). The same crops and flips; other pixels where a reduction applies (only for crops of
+    >= 2 * image_size px; see decoders.ReducedResizedCrop), hence off by default."""
     access: str = "random"
     """wds: 'random' reads samples of one exact global permutation per epoch (local shards; remote ones are
     fetched whole into cache_dir first); 'stream' has each rank read its own run of shards front to back
@@ -72,6 +77,9 @@ class DataConfig:
         if self.access not in ACCESS or (self.access == "stream" and self.format != "wds"):
             raise ValueError(f"data.access={self.access!r} with data.format={self.format!r}; expected one of "
                              f"{ACCESS} ('stream' for wds only: FFCV memory-maps local files)")
+        if self.reduced_decode and (self.format != "wds" or not get_dataset(self.dataset).decoder_crops):
+            raise ValueError(f"data.reduced_decode is for data.format='wds' on a data set with random resized "
+                             f"crops (decoder_crops): not format={self.format!r}, dataset={self.dataset!r}")
         if self.shuffle_buffer < 1 or self.retries < 0:
             raise ValueError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 1 and "
                              f"data.retries={self.retries} >= 0")

@@ -120,3 +120,51 @@ def _pil():
             raise ValueError(f"not a decodable JPEG ({e})") from e
 
     return decode
+
+
+def decode_reduced(data: bytes, factor: int) -> torch.Tensor:
+    """JPEG bytes -> uint8 RGB [3, ceil(H / factor), ceil(W / factor)] through libjpeg-turbo's scaled IDCT
+    (factor 1, 2, 4 or 8; simplejpeg picks the scale that gives at least that size, which is exactly
+    1/factor for these)."""
+    import simplejpeg
+
+    h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    return _from_hwc(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-h // factor),
+                                            min_width=-(-w // factor)))
+
+
+class ReducedResizedCrop:
+    """JPEG bytes -> uint8 [3, size, size]: v2.RandomResizedCrop(size) (+ v2.RandomHorizontalFlip with
+    `flip`) with the same draws from torch's RNG as the decode-then-crop path, so a seed gives the same
+    window and flip; but the JPEG is decoded at the largest power-of-two reduction (up to 8) that leaves the
+    window's short side at least `size` px, and the window is cut from that smaller image (data.reduced_decode).
+
+    Only 1/2 and smaller pay: libjpeg-turbo's other scales (7/8 ... 5/8) have no SIMD path and decode slower
+    than full size (bench.loaders), and 1/2 needs a window of at least 2 * size px, so with 224 px crops this
+    changes nothing for images stored at <= 448 px on the short side. Where it applies the pixels differ
+    from decode-then-crop: the scaled IDCT averages 8x8 blocks instead of the antialiased bilinear resize
+    doing all the reduction, and the window's edges are rounded to the reduced grid (under `factor` stored
+    pixels); tests/test_data_decoders.py bounds the difference."""
+
+    def __init__(self, size: int, flip: bool, decode=decode_reduced):
+        from torchvision.transforms import v2
+
+        self.size, self.decode = size, decode
+        self.crop = v2.RandomResizedCrop(size, antialias=True)
+        self.flip = v2.RandomHorizontalFlip() if flip else None
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        import simplejpeg
+        from torchvision.transforms.v2 import functional as F
+
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        box = self.crop.make_params([torch.zeros(1, 1, 1).expand(3, h, w)])  # only the size is read
+        factor = 1
+        while factor < 8 and min(box["height"], box["width"]) >= 2 * factor * self.size:
+            factor *= 2
+        x = self.decode(data, factor)
+        sy, sx = x.shape[1] / h, x.shape[2] / w
+        top, left = int(box["top"] * sy), int(box["left"] * sx)
+        x = F.resized_crop(x, top, left, max(1, round(box["height"] * sy)), max(1, round(box["width"] * sx)),
+                           [self.size, self.size], antialias=True)
+        return x if self.flip is None else self.flip(x)

@@ -1,22 +1,25 @@
-"""`build_loader`: one rank's stateful, resumable stream of model-ready batches, from wds or ffcv files.
+"""`build_loader`: one rank's stateful, resumable stream of batches, from wds or ffcv files.
 
     loader = build_loader(DataConfig(dataset="imagenet", format="wds", path="/data/imagenet-wds"),
                           "train", rank, world_size)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
-        for images, labels in loader:   # images float [N, C, H, W] ([N, T, 2, 128, 128] for DVS)
+        for images, labels in loader:   # images uint8 [N, C, H, W] (uint16 [N, T, 2, 128, 128] for DVS)
+            x = loader.normalize(images.to(device), labels.to(device))   # float32, what the model takes
             ...
         state = loader.state_dict()     # store with the checkpoint; load_state_dict() resumes mid-epoch
     loader.seek(epoch, batches)         # the same position on another world size
 
 Every rank yields `len(loader)` batches per epoch (see `dataloaders.order` for the plan, and
-`dataloaders.stream` for data.access=stream). Rows with label -1 are zeros and carry no sample: eval
-padding on ranks that ran out of data (train too in stream mode, which reads every sample once per epoch),
-or a sample that failed to decode (logged, counted in `metrics()`: `data/decode_errors` for train over the
-run, `val/decode_errors` for the latest pass over an eval split, both summed over ranks); use
-`ignore_index=-1` in the loss and mask them in accuracy counts. With data.access=random train batches are
-always full (the epoch's remainder is dropped); eval batches keep their size with padding rows. Workers
-hand over uint8 images; normalisation runs once per batch in the loader.
+`dataloaders.stream` for data.access=stream). Rows with label -1 are zeros (after `normalize` too) and
+carry no sample: eval padding on ranks that ran out of data (train too in stream mode, which reads every
+sample once per epoch), or a sample that failed to decode (logged, counted in `metrics()`:
+`data/decode_errors` for train over the run, `val/decode_errors` for the latest pass over an eval split,
+both summed over ranks); use `ignore_index=-1` in the loss and mask them in accuracy counts. With
+data.access=random train batches are always full (the epoch's remainder is dropped); eval batches keep their
+size with padding rows. Batches stay uint8 up to the training device (`trainer.precision.model_input` runs
+`normalize` there): normalising in the loader cost its CPU about a third as much again as decoding and
+cropping, mostly page faults on each fresh float batch (bench.loaders).
 """
 
 from __future__ import annotations
@@ -64,8 +67,6 @@ class Loader:
         for k, (images, labels, bad) in enumerate(batches):
             self.decode_errors += bad
             self.pass_decode_errors += bad
-            images = self.normalize(images)
-            images[labels < 0] = 0
             # Advance before handing the batch over: a checkpoint taken after using it resumes after it, and
             # after the last batch the state already points at the next epoch.
             if start + k + 1 == len(self):
@@ -143,11 +144,17 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
     shape = transforms.output_shape(cfg, stored, train)
     side = stored[0] if stored else manifest.get("stats", {}).get("median_short_side", cfg.image_size)
     if cfg.format == "wds":
+        from dataloaders.decoders import ReducedResizedCrop
         from dataloaders.wds_reader import ShardSet, WdsDataset
 
-        augment = transforms.augment(cfg, train, side, cropped_by_decoder=False)
+        reduced = cfg.reduced_decode and train
+        if reduced and manifest["sample"]["ext"] != "jpg":
+            raise ValueError(f"data.reduced_decode decodes JPEGs; {cfg.path} stores {manifest['sample']['ext']}")
+        augment = transforms.augment(cfg, train, side, cropped_by_decoder=reduced)
+        crop = ReducedResizedCrop(cfg.image_size, cfg.hflip) if reduced else None
         shards = ShardSet(cfg.path, manifest, cfg.cache_dir)
-        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder, len(manifest["classes"]))
+        dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder, len(manifest["classes"]),
+                             crop)
         stream = ShardStream(shards, cfg.retries, cfg.retry_backoff) if cfg.access == "stream" else None
         return Loader(plan, _TorchBackend(dataset, cfg.num_workers, stream), transforms.normalize(cfg, manifest),
                       manifest["classes"])

@@ -110,11 +110,14 @@ def decode(ext: str, data: bytes, jpeg_decoder: str, frames_shape: tuple[int, ..
 
 class WdsDataset(torch.utils.data.Dataset):
     """Item (position, seed or None[, shard name, sample]) -> (augmented uint8 sample, label, undecodable?);
-    the loader normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
-    and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them)."""
+    the trainer normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
+    and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them).
+    `crop`: a decoder that also crops (`decoders.ReducedResizedCrop`), drawing from the sample's seed
+    before `augment` does."""
 
-    def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str, num_classes: int):
-        self.shards, self.ext, self.augment, self.jpeg_decoder = shards, ext, augment, jpeg_decoder
+    def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str, num_classes: int,
+                 crop=None):
+        self.shards, self.ext, self.augment, self.jpeg_decoder, self.crop = shards, ext, augment, jpeg_decoder, crop
         self.num_classes = num_classes
         self.blank = torch.zeros(blank_shape, dtype=torch.uint16 if ext == "npy.gz" else torch.uint8)
 
@@ -127,14 +130,16 @@ class WdsDataset(torch.utils.data.Dataset):
             return self.blank, -1, False
         shard, sample = streamed or self.shards.read(index)
         try:
-            x = decode(self.ext, sample[self.ext], self.jpeg_decoder, tuple(self.blank.shape))
             label = int(sample["cls"])
             if not 0 <= label < self.num_classes:  # would index past the head (a device-side assert on CUDA)
                 raise ValueError(f"label {label} outside the manifest's {self.num_classes} classes")
-            if self.augment is not None:
-                x = seeded(self.augment, x, seed)
-            return x, label, False
+            return seeded(self._decode_augment, sample[self.ext], seed), label, False
         except (RuntimeError, ValueError, OSError, KeyError, EOFError) as e:
             log.warning("skipping undecodable sample %d of %s/%s: %s", index, self.shards.split, shard, e)
             return self.blank, -1, True
+
+    def _decode_augment(self, data: bytes) -> torch.Tensor:
+        x = self.crop(data) if self.crop is not None else decode(self.ext, data, self.jpeg_decoder,
+                                                                 tuple(self.blank.shape))
+        return x if self.augment is None else self.augment(x)
 

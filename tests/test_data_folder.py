@@ -58,10 +58,11 @@ def test_folder_round_trip_stats_and_augmentation_by_size(tmp_path):
     cfg = DataConfig(dataset="folder", path=str(tmp_path / "wds"), batch_size=6, num_workers=0, image_size=24,
                      val_crop=24)
     assert mode(cfg, 24) == "pad_crop" and mode(cfg, 65) == "resized_crop"
-    images, labels = next(iter(build_loader(cfg, "val", 0, 1)))
+    loader = build_loader(cfg, "val", 0, 1)
+    images, labels = next(iter(loader))
     assert images.shape == (6, 3, 24, 24) and labels.tolist() == [0, 0, 1, 1, 2, 2]
     mean, std = torch.tensor(train["stats"]["mean"]), torch.tensor(train["stats"]["std"])
-    back = (images.permute(0, 2, 3, 1) * std + mean) * 255
+    back = (loader.normalize(images).permute(0, 2, 3, 1) * std + mean) * 255
     assert abs(float(back.mean()) - 255 * float(flat.mean())) < 6  # the stored statistics fit the pixels
 
     for augment, side in (("pad_crop", 24), ("resized_crop", 16)):

@@ -30,11 +30,6 @@ def _collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def _to_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
-    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    return ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
 @pytest.mark.parametrize("fmt", ["wds", "ffcv"])
 def test_digits_read_back_exactly(fmt, data_root):
     """Real data through the converter CLI and back: every test image and label, bit for bit ('val' is
@@ -49,8 +44,28 @@ def test_digits_read_back_exactly(fmt, data_root):
     n = len(labels)
     assert x.shape == (len(loader) * 100, 3, 16, 16) and (y[n:] == -1).all()
     assert torch.equal(y[:n], torch.from_numpy(labels))
-    mean, std = (0.2087,) * 3, (0.3081,) * 3
-    assert torch.equal(_to_uint8(x[:n], mean, std), torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(x[:n], torch.from_numpy(images).permute(0, 3, 1, 2))
+
+
+def test_batches_stay_uint8_and_model_input_normalises_them_as_the_loader_did(imagenet_wds):
+    """The loader hands over uint8 pixels; `model_input` with the loader's normalize gives what the loader
+    used to give (v2.ToDtype(scale=True) + v2.Normalize, padding rows zero) up to float rounding."""
+    from torchvision.transforms import v2
+
+    from trainer.precision import model_input
+
+    cfg = DataConfig(dataset="imagenet", path=str(imagenet_wds), batch_size=8, num_workers=0, val_resize=48,
+                     val_crop=40)
+    loader = build_loader(cfg, "val", 0, 1)
+    x, y = _collect(loader)
+    assert x.dtype == torch.uint8 and (y < 0).sum() == 4 and (x[y < 0] == 0).all()
+    expected = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(x))
+    expected[y < 0] = 0
+    got = model_input(x, torch.device("cpu"), "fp32", False, loader.normalize, y)
+    assert got.dtype == torch.float32 and (got - expected).abs().max() < 1e-5
+    assert (got[y < 0] == 0).all() and x.dtype == torch.uint8  # the batch itself is left alone
+    half = model_input(x, torch.device("cpu"), "fp16", False, loader.normalize, y)
+    assert half.dtype == torch.half and torch.equal(half, expected.half())
 
 
 def _center_crops(src, classes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +93,7 @@ def test_imagenet_read_back(fmt, write_mode, round_trip_src, tmp_path):
     ref, labels = _center_crops(round_trip_src, ["n01440764", "n01443537"])
     n = len(labels)
     assert torch.equal(y[:n], labels) and (y[n:] == -1).all()
-    err = (_to_uint8(x[:n], IMAGENET_MEAN, IMAGENET_STD).int() - ref.int()).abs().float()
+    err = (x[:n].int() - ref.int()).abs().float()
     if write_mode == "raw":
         assert err.max() == 0
     elif fmt == "wds":  # the file's own bytes: only two builds of libjpeg-turbo may round differently
@@ -273,7 +288,7 @@ def test_seek_continues_where_another_world_size_stopped(imagenet_wds):
     x, y = next(iter(single))
     assert single.state_dict()["epoch"] == 1 and single.state_dict()["batches_yielded"] == 2
     two = torch.cat([p[0] for p in pair])
-    order = [min(range(6), key=lambda j: (x[i] - two[j]).abs().sum().item()) for i in range(6)]
+    order = [min(range(6), key=lambda j: (x[i].int() - two[j].int()).abs().sum().item()) for i in range(6)]
     assert sorted(order) == list(range(6))
     assert torch.equal(x, two[order]) and torch.equal(y, torch.cat([p[1] for p in pair])[order])
     with pytest.raises(ValueError, match="cannot seek"):

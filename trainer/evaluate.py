@@ -40,7 +40,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
     monitor = SpikeMonitor(model) if spikes else nullcontext()
     with monitor:
         for x, y in loader:
-            x, y = model_input(x, device, precision, time_first), y.to(device)
+            y = y.to(device)
+            # A Loader hands over uint8 batches and its normalize; a list of ready float batches has none.
+            x = model_input(x, device, precision, time_first, getattr(loader, "normalize", None), y)
             # Padding rows (label -1) are dropped before the model sees them, so they count neither in
             # accuracy nor in the spike and energy statistics (eval-mode BN makes this exact).
             keep = y >= 0

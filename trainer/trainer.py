@@ -163,8 +163,8 @@ class Trainer:
         seen = []
         done = 0
         for x, y in micro_batches:
-            x = model_input(x, self.device, cfg.engine.precision, self.time_first)
             y = y.to(self.device, non_blocking=True)
+            x = model_input(x, self.device, cfg.engine.precision, self.time_first, self.train_loader.normalize, y)
             with self.grad_norms if logging and done == self.accum - 1 else nullcontext():
                 with autocast(self.device, cfg.engine.precision):
                     logits = self.engine(x)
@@ -377,9 +377,10 @@ class Trainer:
     def _log_models(self, final: Path) -> None:
         """Rank 0: the final and the best checkpoint as MLflow logged models, one validation image as the
         input example; `model.pt` (the final weights) also stays in the run directory for trainer.evaluate."""
-        x, _ = next(iter(self.val_loader))
+        x, y = next(iter(self.val_loader))
         example = self.run_dir / "input_example.npy"
-        np.save(example, model_input(x[:1], torch.device("cpu"), "fp32", self.time_first).float().numpy())
+        x = model_input(x[:1], torch.device("cpu"), "fp32", self.time_first, self.val_loader.normalize, y[:1])
+        np.save(example, x.float().numpy())
         best = best_checkpoint(self.checkpoints.root) or final
         for name, step_dir, file in (("final", final, "model.pt"), ("best", best, "model_best.pt")):
             self.logger.log_model(name, export(step_dir, self.run_dir / file), example, self.run_dir / "config.yaml")
