@@ -35,10 +35,16 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     global_batch: int = 256
-    """Images per optimizer step summed over all ranks. Fixed by the recipe: when the world size changes,
-    gradient accumulation changes instead, so the learning-rate schedule means the same thing."""
+    """The recipe's images per optimizer step summed over all ranks, at which `lr` is given. How the run's
+    actual global batch follows from the world size: `batch_policy` (trainer/batch_plan.py)."""
     lr: float = 0.1
-    """Peak learning rate at `global_batch` (the recipe does any linear scaling)."""
+    """Peak learning rate at `global_batch`; the "scale" policy scales it linearly with the global batch."""
+    batch_policy: str = "scale"
+    """'scale': keep data.batch_size per rank, reach `global_batch` by gradient accumulation where the ranks
+    can, else let the global batch grow with the world and scale lr linearly (with `scale_warmup_epochs`).
+    'fixed': `global_batch` and `lr` at any world size (the micro batch shrinks if it must)."""
+    scale_warmup_epochs: float = 5.0
+    """Least warm-up when the "scale" policy grows the global batch past `global_batch` (Goyal et al. 2017)."""
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4

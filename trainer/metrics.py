@@ -35,3 +35,15 @@ class TrainWindow:
         step_s = self.seconds / max(self.steps, 1)
         return {"train/loss": loss / n, "train/top1": correct / n, "perf/step_s": step_s,
                 "perf/images_per_s": global_batch / step_s if step_s else 0.0}
+
+
+def loss_scale_metrics(engine) -> dict[str, float]:
+    """fp16's dynamic loss scale and the optimizer steps it skipped on overflow; {} without a loss scaler
+    (fp32, bf16). DeepSpeed's FP16_Optimizer (ZeRO 0) keeps the scale in `loss_scale_config.cur_scale`, its
+    ZeRO optimizers in `cur_scale`."""
+    optimizer = engine.optimizer
+    scaler = getattr(optimizer, "loss_scale_config", None)
+    scale = getattr(scaler, "cur_scale", None) if scaler is not None else getattr(optimizer, "cur_scale", None)
+    if scale is None:
+        return {}
+    return {"train/loss_scale": float(scale), "train/skipped_steps": float(engine.skipped_steps)}

@@ -9,6 +9,7 @@ roll the run back to a checkpoint. Every rank runs the same calls in the same or
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -28,13 +29,21 @@ from dataloaders import build_loader
 from dataloaders.datasets import get_dataset
 from models import create_model
 from models.grad_norms import BlockGradNorms
-from trainer.checkpoint import CheckpointManager, CheckpointMeta, Progress, best_checkpoint, step_dir_name
-from trainer.config import TrainConfig, save_config, to_dict
+from trainer.batch_plan import BatchPlan, batch_plan
+from trainer.checkpoint import (
+    CheckpointManager,
+    CheckpointMeta,
+    Progress,
+    best_checkpoint,
+    read_meta,
+    step_dir_name,
+)
+from trainer.config import OptimConfig, TrainConfig, from_dict, save_config, to_dict
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import init_distributed, rank_seed, seed_all
 from trainer.evaluate import evaluate
 from trainer.export import export
-from trainer.metrics import TrainWindow, peak_memory_gib
+from trainer.metrics import TrainWindow, loss_scale_metrics, peak_memory_gib
 from trainer.precision import autocast, model_input
 from trainer.progress import MetricsFile, eval_line, step_line
 from trainer.run_info import flat_params, source_tags
@@ -56,12 +65,14 @@ class Trainer:
         self.resumed_from = self._resume_point()
         if self.resumed_from is None and not ck.auto_resume:
             self.checkpoints.set_aside()
-        self.ds_config = deepspeed_config(cfg, self.world, self.device.type == "cuda")
-        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.plan = self._batch_plan()
+        self.ds_config = deepspeed_config(cfg, self.plan, self.device.type == "cuda")
+        self.accum = self.plan.grad_accumulation
 
-        self.train_loader = build_loader(cfg.data, "train", self.rank, self.world)
+        data = dataclasses.replace(cfg.data, batch_size=self.plan.micro_batch)
+        self.train_loader = build_loader(data, "train", self.rank, self.world)
         self.time_first = get_dataset(cfg.data.dataset).time_first
-        self.val_loader = build_loader(cfg.data, "val", self.rank, self.world)
+        self.val_loader = build_loader(data, "val", self.rank, self.world)
         if not cfg.model.num_classes:  # the recipe leaves the head to the data set (`folder`)
             cfg.model.num_classes = len(self.train_loader.classes)
         seed_all(cfg.engine.seed)  # identical initial weights on every rank
@@ -72,7 +83,7 @@ class Trainer:
                              f"{self.accum} one optimizer step needs; lower optim.global_batch or use more data")
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
         self.end = min(self.total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else self.total_steps
-        self.engine = wrap(model, cfg, self.ds_config, self.total_steps, self.steps_per_epoch,
+        self.engine = wrap(model, cfg, self.ds_config, self.plan, self.total_steps, self.steps_per_epoch,
                            self.device.type == "cuda")
         seed_all(rank_seed(cfg.engine.seed, self.rank))  # a distinct stream per rank; checkpointed per rank
 
@@ -166,16 +177,12 @@ class Trainer:
         self.save(self.evaluate() if evaluated else None)
 
     def log_train(self) -> None:
-        cfg, p, engine = self.cfg, self.progress, self.engine
-        m = {**self.window.metrics(cfg.optim.global_batch), "optim/lr": engine.get_lr()[0],
+        p, engine = self.progress, self.engine
+        m = {**self.window.metrics(self.plan.global_batch), "optim/lr": engine.get_lr()[0],
              "memory/peak_gib": peak_memory_gib(self.device), "progress/epoch": p.epoch,
-             "progress/images_seen": p.step * cfg.optim.global_batch}
+             "progress/images_seen": p.step * self.plan.global_batch, **loss_scale_metrics(engine)}
         # DeepSpeed divides each micro-batch loss by `accum` (and multiplies by the fp16 loss scale).
-        grad_scale = 1.0 / self.accum
-        if cfg.engine.precision == "fp16":
-            m["amp/skipped_steps"] = engine.skipped_steps
-            m["amp/loss_scale"] = getattr(engine.optimizer, "cur_scale", float("nan"))
-            grad_scale *= getattr(engine.optimizer, "cur_scale", 1.0)
+        grad_scale = m.get("train/loss_scale", 1.0) / self.accum
         m.update(self.grad_norms.metrics(loss_scale=grad_scale))
         m.update(self.train_loader.metrics())
         self.last_train, self.window = m, TrainWindow(self.device)
@@ -202,6 +209,7 @@ class Trainer:
         p.mlflow_run_id = self.logger.run_id if self.logger else p.mlflow_run_id
         meta = CheckpointMeta(p, world_size=self.world, zero_stage=cfg.engine.zero_stage,
                               precision=cfg.engine.precision, grad_accumulation=self.accum, config=to_dict(cfg),
+                              plan=self.plan.to_dict(),
                               best_metric_here=val_here, metrics={**self.last_train, **self.last_val})
         step_dir = self.checkpoints.save(self.engine, self.train_loader, meta)
         self.saved_step = p.step
@@ -252,12 +260,23 @@ class Trainer:
             return path
         return self.checkpoints.newest() if self.cfg.checkpoint.auto_resume else None
 
+    def _batch_plan(self) -> BatchPlan:
+        """The recipe's plan for this world size; a resumed run keeps the global batch it started with."""
+        cfg, started_at = self.cfg, None
+        if self.resumed_from is not None:
+            meta = read_meta(self.resumed_from)
+            saved = meta["config"]
+            started_at = batch_plan(from_dict(OptimConfig, saved["optim"]), saved["data"]["batch_size"],
+                                    meta["world_size"]).global_batch
+        return batch_plan(cfg.optim, cfg.data.batch_size, self.world, started_at)
+
     def _start_record(self):
         """Rank 0: the run directory's config files, the MLflow run (continued after a resume), one line."""
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        (run_dir / "batch_plan.json").write_text(json.dumps(self.plan.to_dict(), indent=2))
         logger = None
         if cfg.mlflow.enabled:
             from trainer.mlflow_logger import MlflowLogger  # mlflow loads only when logging is on
@@ -265,15 +284,16 @@ class Trainer:
             logger = MlflowLogger(cfg.mlflow, cfg.mlflow.experiment or cfg.recipe or cfg.model.name,
                                   cfg.resolved_run_name(), self.progress.mlflow_run_id,
                                   run_dir / "mlflow_unsent.json")
-            logger.log_params(flat_params(cfg, self.world, self.accum))
+            logger.log_params(flat_params(cfg, self.plan))
             logger.set_tags({**source_tags(self.resumed_from), "world_size": self.world, "device": self.device.type,
                              "torch": torch.__version__, "deepspeed": deepspeed.__version__, "recipe": cfg.recipe})
             logger.log_artifact(run_dir / "config.yaml")
             logger.log_artifact(run_dir / "ds_config.json")
-        print(f"[trainer] {cfg.resolved_run_name()}: world {self.world} x micro {cfg.data.batch_size} x accum "
-              f"{self.accum} = {cfg.optim.global_batch}; {self.steps_per_epoch} steps/epoch, {self.total_steps} "
-              "steps; " + (f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"),
-              flush=True)
+            logger.log_artifact(run_dir / "batch_plan.json")
+        plan, start = self.plan, f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"
+        print(f"[trainer] {cfg.resolved_run_name()}: world {self.world} x micro {plan.micro_batch} x accum "
+              f"{self.accum} = {plan.global_batch} at lr {plan.lr:g} ({plan.policy} policy); "
+              f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps; {start}", flush=True)
         return logger
 
     def _log(self, metrics: dict[str, float]) -> None:
