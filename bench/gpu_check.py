@@ -39,7 +39,7 @@ def run_row(recipe: str, precision: str, every: int, batch: int, steps: int) -> 
     from trainer.batch_plan import batch_plan
     from trainer.config import apply_overrides
     from trainer.deepspeed_config import deepspeed_config
-    from trainer.precision import autocast, model_input
+    from trainer.precision import autocast, model_input, weights_dtype
     from trainer.recipes import get_recipe
     from trainer.wrap import wrap
 
@@ -56,7 +56,7 @@ def run_row(recipe: str, precision: str, every: int, batch: int, steps: int) -> 
 
     def step():
         with autocast(device, precision):
-            logits = engine(model_input(x, device, precision, time_first=False))
+            logits = engine(model_input(x, device, weights_dtype(engine.module), time_first=False))
         loss = F.cross_entropy(logits.float(), y)
         engine.backward(loss)
         engine.step()

@@ -29,6 +29,7 @@ from dataloaders.datasets import get_dataset
 from dataloaders.manifest import is_remote, manifest_rel
 from trainer.batch_plan import BatchPlan, batch_plan
 from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
+from trainer.distributed import process_group_backend
 from trainer.mlflow_store import local_store_uri
 from trainer.recipes import get_recipe
 from trainer.set_aside import set_aside
@@ -208,7 +209,7 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
         train_loop_config={"cfg": to_dict(cfg), "register_checkpoints": not is_remote(args.storage),
                            "entry_point": " ".join(["python", *sys.argv])},
         scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(scaling.use_gpu, cfg.engine.backend)),
         run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
                              failure_config=FailureConfig(max_failures=MAX_FAILURES),
                              # Only the newest reference is needed: resume never reads one.

@@ -37,13 +37,12 @@ class TrainWindow:
                 "perf/images_per_s": global_batch / step_s if step_s else 0.0}
 
 
-def loss_scale_metrics(engine) -> dict[str, float]:
-    """fp16's dynamic loss scale and the optimizer steps it skipped on overflow; {} without a loss scaler
-    (fp32, bf16). DeepSpeed's FP16_Optimizer (ZeRO 0) keeps the scale in `loss_scale_config.cur_scale`, its
-    ZeRO optimizers in `cur_scale`."""
-    optimizer = engine.optimizer
+def loss_scale_metrics(optimizer, skipped_steps: int) -> dict[str, float]:
+    """fp16's dynamic loss scale and the optimizer steps it skipped on overflow, from a DeepSpeed engine's
+    `optimizer` and `skipped_steps`. Its FP16_Optimizer (ZeRO 0) keeps the scale in
+    `loss_scale_config.cur_scale` (it has no `cur_scale`), its ZeRO optimizers in `cur_scale`."""
     scaler = getattr(optimizer, "loss_scale_config", None)
     scale = getattr(scaler, "cur_scale", None) if scaler is not None else getattr(optimizer, "cur_scale", None)
     if scale is None:
-        return {}
-    return {"train/loss_scale": float(scale), "train/skipped_steps": float(engine.skipped_steps)}
+        raise TypeError(f"{type(optimizer).__name__} has no loss scale: is this an fp16 DeepSpeed engine?")
+    return {"train/loss_scale": float(scale), "train/skipped_steps": float(skipped_steps)}

@@ -44,7 +44,7 @@ from trainer.distributed import init_distributed, rank_seed, seed_all
 from trainer.evaluate import evaluate
 from trainer.export import export
 from trainer.metrics import TrainWindow, loss_scale_metrics, peak_memory_gib
-from trainer.precision import autocast, model_input
+from trainer.precision import autocast, model_input, weights_dtype
 from trainer.progress import MetricsFile, eval_line, step_line
 from trainer.run_info import flat_params, source_tags
 from trainer.set_aside import set_aside
@@ -85,6 +85,7 @@ class Trainer:
         self.end = min(self.total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else self.total_steps
         self.engine = wrap(model, cfg, self.ds_config, self.plan, self.total_steps, self.steps_per_epoch,
                            self.device.type == "cuda")
+        self.input_dtype = weights_dtype(self.engine.module)
         seed_all(rank_seed(cfg.engine.seed, self.rank))  # a distinct stream per rank; checkpointed per rank
 
         self.progress = Progress()
@@ -148,7 +149,7 @@ class Trainer:
         logging = (p.step + 1) % cfg.log_every == 0 or p.step + 1 == self.end
         done = 0
         for x, y in micro_batches:
-            x = model_input(x, self.device, cfg.engine.precision, self.time_first)
+            x = model_input(x, self.device, self.input_dtype, self.time_first)
             y = y.to(self.device, non_blocking=True)
             with self.grad_norms if logging and done == self.accum - 1 else nullcontext():
                 with autocast(self.device, cfg.engine.precision):
@@ -180,7 +181,9 @@ class Trainer:
         p, engine = self.progress, self.engine
         m = {**self.window.metrics(self.plan.global_batch), "optim/lr": engine.get_lr()[0],
              "memory/peak_gib": peak_memory_gib(self.device), "progress/epoch": p.epoch,
-             "progress/images_seen": p.step * self.plan.global_batch, **loss_scale_metrics(engine)}
+             "progress/images_seen": p.step * self.plan.global_batch}
+        if self.cfg.engine.precision == "fp16":
+            m.update(loss_scale_metrics(engine.optimizer, engine.skipped_steps))
         # DeepSpeed divides each micro-batch loss by `accum` (and multiplies by the fp16 loss scale).
         grad_scale = m.get("train/loss_scale", 1.0) / self.accum
         m.update(self.grad_norms.metrics(loss_scale=grad_scale))
@@ -209,7 +212,6 @@ class Trainer:
         p.mlflow_run_id = self.logger.run_id if self.logger else p.mlflow_run_id
         meta = CheckpointMeta(p, world_size=self.world, zero_stage=cfg.engine.zero_stage,
                               precision=cfg.engine.precision, grad_accumulation=self.accum, config=to_dict(cfg),
-                              plan=self.plan.to_dict(),
                               best_metric_here=val_here, metrics={**self.last_train, **self.last_val})
         step_dir = self.checkpoints.save(self.engine, self.train_loader, meta)
         self.saved_step = p.step
@@ -247,7 +249,7 @@ class Trainer:
         input example; `model.pt` (the final weights) also stays in the run directory for trainer.evaluate."""
         x, _ = next(iter(self.val_loader))
         example = self.run_dir / "input_example.npy"
-        np.save(example, model_input(x[:1], torch.device("cpu"), "fp32", self.time_first).float().numpy())
+        np.save(example, model_input(x[:1], torch.device("cpu"), torch.float32, self.time_first).float().numpy())
         best = best_checkpoint(self.checkpoints.root) or final
         for name, step_dir, file in (("final", final, "model.pt"), ("best", best, "model_best.pt")):
             self.logger.log_model(name, export(step_dir, self.run_dir / file), example, self.run_dir / "config.yaml")
