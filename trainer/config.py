@@ -71,12 +71,16 @@ class EngineConfig:
     """Consecutive blocks checkpointed as one unit: its input is kept and backward recomputes the whole
     unit. 1 = each block on its own; longer segments keep fewer inputs at the same recompute cost."""
     sync_bn: bool = True
+    """BatchNorm statistics over all ranks (the authors' SyncBN), with more than one rank only: torch's
+    nn.SyncBatchNorm on CUDA, `wrap.CpuSyncBatchNorm` on CPU. tdBN layers are plain BatchNorm2d, so both
+    conversions reach them."""
     compile: bool = False
     deepspeed_config: str = ""
     """Path to a DeepSpeed JSON to use verbatim instead of the generated one (batch sizes are checked)."""
     seed: int = 0
     backend: str = ""
-    """torch.distributed backend; '' picks nccl with CUDA and gloo otherwise."""
+    """torch.distributed backend; '' picks 'cpu:gloo,cuda:nccl' with CUDA (CPU tensors need a backend too)
+    and gloo otherwise."""
 
 
 @dataclass
