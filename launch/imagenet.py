@@ -5,6 +5,7 @@
         --data /mnt/cluster_storage/data/imagenet-wds --run-name msr18-a --set optim.epochs=90
     ray job submit -- python launch/imagenet.py --nodes 1 --recipe ms_resnet18_folder --data /data/flowers-wds
     python launch/imagenet.py --nodes 1 ...      # no cluster running: starts a local one
+    python launch/imagenet.py --nodes 4 --gpus-per-node 8 --dry-run   # the batch plan only, no cluster
 
 Resubmitting with the same --run-name resumes the run. Flags: --help; how they map onto Ray Train:
 launch/common.py.

@@ -23,7 +23,9 @@ config and world size), so a resume at another world size continues the same opt
 saved global batch is split over the new ranks as under "fixed", and the "scale" policy's lr and warm-up
 follow from it as before. A scaled run resumed on fewer ranks (a lost node) therefore accumulates more
 instead of shrinking its batch mid-schedule; on a world size the saved global batch cannot be split over,
-the resume fails with a clear error. Only a new run (new --run-name) re-plans from the recipe.
+the resume fails with a clear error. Only a new run (new --run-name) re-plans from the recipe. Bit for bit
+(up to summation order) also needs BatchNorm to see the same images: with SyncBN, the same micro x world
+(e.g. data.batch_size=32 on 1 rank for 16 on 2); otherwise the step differs by BN's batch statistics only.
 """
 
 from __future__ import annotations
