@@ -118,6 +118,10 @@ def test_dry_run_errors_are_one_line_and_exit_2(capsys):
     assert code == 2 and err == ("error: optim.global_batch=256 cannot be split over 3 ranks (batch policy "
                                  "'fixed'); use a world size that divides it, or optim.batch_policy=scale. "
                                  "--nodes and --gpus-per-node set the number of ranks.\n")
+    code, err = dry_run(capsys, imagenet, "--gpus-per-node", "0", "--set", "engine.precision=fp16")
+    assert code == 2 and err.startswith("error: engine.precision=fp16 needs a CUDA GPU")
+    code, plan = dry_run(capsys, imagenet, "--gpus-per-node", "8", "--set", "engine.precision=fp16")
+    assert code == 0 and plan["precision"] == "fp16"
     code, err = dry_run(capsys, cifar10dvs, "--recipe", "ms_resnet18_imagenet", "--gpus-per-node", "1")
     assert code == 2 and "this launcher runs cifar10dvs recipes" in err
     assert not ray.is_initialized()
