@@ -36,9 +36,10 @@ ROWS = [  # recipe, precision, activation checkpointing (every k-th block; 0 = o
 
 def run_row(recipe: str, precision: str, every: int, batch: int, steps: int) -> dict:
     from models import create_model
+    from trainer.batch_plan import batch_plan
     from trainer.config import apply_overrides
     from trainer.deepspeed_config import deepspeed_config
-    from trainer.precision import autocast, model_input
+    from trainer.precision import autocast, model_input, weights_dtype
     from trainer.recipes import get_recipe
     from trainer.wrap import wrap
 
@@ -47,14 +48,15 @@ def run_row(recipe: str, precision: str, every: int, batch: int, steps: int) -> 
                           f"data.batch_size={batch}", f"optim.global_batch={batch}"])
     device = torch.device("cuda")
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T, **cfg.model.kwargs)
-    engine = wrap(model, cfg, deepspeed_config(cfg, 1, True), steps + 3, steps + 3, on_gpu=True)
+    plan = batch_plan(cfg.optim, cfg.data.batch_size, 1)
+    engine = wrap(model, cfg, deepspeed_config(cfg, plan, True), plan, steps + 3, steps + 3, on_gpu=True)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
     torch.cuda.reset_peak_memory_stats()
 
     def step():
         with autocast(device, precision):
-            logits = engine(model_input(x, device, precision, time_first=False))
+            logits = engine(model_input(x, device, weights_dtype(engine.module), time_first=False))
         loss = F.cross_entropy(logits.float(), y)
         engine.backward(loss)
         engine.step()

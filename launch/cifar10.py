@@ -14,8 +14,16 @@ from pathlib import Path
 if not __package__:  # run as a file: the checkout need not be pip-installed on the cluster
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import main  # noqa: E402
+from launch import common  # noqa: E402
+
+RECIPE = "ms_resnet20_cifar10"
+# The digits recipes are CIFAR-sized 10-class images: the quick stand-in for tests and the demo.
+DATASETS = ("cifar10", "cifar100", "digits")
+
+
+def main(argv: list[str] | None = None) -> None:
+    common.main(RECIPE, DATASETS, argv)
+
 
 if __name__ == "__main__":
-    # The digits recipes are CIFAR-sized 10-class images: the quick stand-in for tests and the demo.
-    main("ms_resnet20_cifar10", datasets=("cifar10", "cifar100", "digits"))
+    main()

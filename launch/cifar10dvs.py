@@ -13,7 +13,15 @@ from pathlib import Path
 if not __package__:  # run as a file: the checkout need not be pip-installed on the cluster
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.common import main  # noqa: E402
+from launch import common  # noqa: E402
+
+RECIPE = "ms_resnet20_cifar10dvs"
+DATASETS = ("cifar10dvs",)
+
+
+def main(argv: list[str] | None = None) -> None:
+    common.main(RECIPE, DATASETS, argv)
+
 
 if __name__ == "__main__":
-    main("ms_resnet20_cifar10dvs", datasets=("cifar10dvs",))
+    main()

@@ -27,8 +27,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from dataloaders.datasets import get_dataset
 from dataloaders.manifest import is_remote, manifest_rel
+from trainer.batch_plan import BatchPlan, batch_plan
 from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
-from trainer.deepspeed_config import grad_accumulation
+from trainer.deepspeed_config import deepspeed_config
+from trainer.distributed import process_group_backend
 from trainer.mlflow_store import local_store_uri
 from trainer.recipes import get_recipe
 from trainer.set_aside import set_aside
@@ -56,6 +58,9 @@ def build_parser(default_recipe: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. optim.lr=0.05 checkpoint.every_steps=500")
     p.add_argument("--no-resume", action="store_true", help="move an existing run of this name aside first")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved batch plan for --nodes x --gpus-per-node as `plan {json}` and exit; "
+                        "starts and contacts no cluster")
     return p
 
 
@@ -112,12 +117,30 @@ def build_config(args: argparse.Namespace, datasets: tuple[str, ...]) -> TrainCo
     return cfg
 
 
-def check_batch(cfg: TrainConfig, world: int) -> None:
-    """The trainer's own batch arithmetic, run before any worker is requested."""
+def check_batch(cfg: TrainConfig, world: int, on_gpu: bool | None = None) -> BatchPlan:
+    """The trainer's own batch plan (trainer/batch_plan.py), made before any worker is requested; with
+    `on_gpu` known, the DeepSpeed config the workers will build from it is checked too."""
     try:
-        grad_accumulation(cfg.optim.global_batch, cfg.data.batch_size, world)
+        plan = batch_plan(cfg.optim, cfg.data.batch_size, world)
     except ValueError as e:
-        raise LaunchError(f"{e} --nodes and --gpus-per-node set the number of ranks.") from None
+        raise LaunchError(f"{e}. --nodes and --gpus-per-node set the number of ranks.") from None
+    if on_gpu is not None:
+        try:
+            deepspeed_config(cfg, plan, on_gpu)
+        except (OSError, ValueError) as e:
+            raise LaunchError(str(e)) from None
+    return plan
+
+
+def dry_run(args: argparse.Namespace, datasets: tuple[str, ...]) -> dict:
+    """What a launch would train, from the flags alone: no cluster is started or asked."""
+    if args.gpus_per_node is None:
+        raise LaunchError("--dry-run needs --gpus-per-node (0 = one CPU worker per node): without a cluster "
+                          "the number of ranks is not known")
+    cfg = build_config(args, datasets)
+    plan = check_batch(cfg, args.nodes * max(args.gpus_per_node, 1), on_gpu=args.gpus_per_node > 0)
+    return {"recipe": cfg.recipe, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, **plan.to_dict(),
+            "data": cfg.data.path, "run_dir": cfg.run_dir, "precision": cfg.engine.precision}
 
 
 def plan_workers(args: argparse.Namespace, cfg: TrainConfig, nodes: list[dict]) -> ScalingConfig:
@@ -183,6 +206,8 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
         check_batch(cfg, args.nodes * max(args.gpus_per_node, 1))
     ray.init(runtime_env=_runtime_env())
     scaling = plan_workers(args, cfg, ray.nodes())
+    plan = check_batch(cfg, scaling.num_workers, on_gpu=scaling.use_gpu)
+    print(f"[launch] plan {json.dumps(plan.to_dict())}", flush=True)
     if args.no_resume and (aside := set_aside(Path(cfg.run_dir))):
         print(f"[launch] --no-resume: moved the earlier run to {aside}", flush=True)
     kind = "GPU" if scaling.use_gpu else "CPU"
@@ -193,7 +218,7 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
         train_loop_config={"cfg": to_dict(cfg), "register_checkpoints": not is_remote(args.storage),
                            "entry_point": " ".join(["python", *sys.argv])},
         scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(scaling.use_gpu, cfg.engine.backend)),
         run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
                              failure_config=FailureConfig(max_failures=MAX_FAILURES),
                              # Only the newest reference is needed: resume never reads one.
@@ -233,6 +258,9 @@ def run_links(tracking_uri: str, experiment: str, run_name: str) -> dict[str, st
 def main(default_recipe: str, datasets: tuple[str, ...], argv: list[str] | None = None) -> None:
     args = parse_args(argv, default_recipe)
     try:
+        if args.dry_run:
+            print(f"plan {json.dumps(dry_run(args, datasets))}", flush=True)
+            return
         launch(args, datasets)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -48,8 +48,8 @@ def test_sequence_data_goes_to_the_model_time_first():
 
     assert [d for d in list_datasets() if get_dataset(d).time_first] == ["cifar10dvs"]
     batch = torch.arange(2 * 3 * 2 * 4 * 4, dtype=torch.float32).view(2, 3, 2, 4, 4)  # [N, T, C, H, W]
-    assert torch.equal(model_input(batch, torch.device("cpu"), "fp32", True), batch.transpose(0, 1))
-    assert torch.equal(model_input(batch[:, 0], torch.device("cpu"), "fp32", False), batch[:, 0])
+    assert torch.equal(model_input(batch, torch.device("cpu"), torch.float32, True), batch.transpose(0, 1))
+    assert torch.equal(model_input(batch[:, 0], torch.device("cpu"), torch.float32, False), batch[:, 0])
     # Evaluation drops padding rows along the batch axis of the time-first tensor.
     torch.manual_seed(0)
     model = create_model("ms_resnet20_dvs", num_classes=10, T=3, in_channels=2, widths=[4, 8, 8])

@@ -61,10 +61,10 @@ def test_batches_stay_uint8_and_model_input_normalises_them_as_the_loader_did(im
     assert x.dtype == torch.uint8 and (y < 0).sum() == 4 and (x[y < 0] == 0).all()
     expected = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(x))
     expected[y < 0] = 0
-    got = model_input(x, torch.device("cpu"), "fp32", False, loader.normalize, y)
+    got = model_input(x, torch.device("cpu"), torch.float32, False, loader.normalize, y)
     assert got.dtype == torch.float32 and (got - expected).abs().max() < 1e-5
     assert (got[y < 0] == 0).all() and x.dtype == torch.uint8  # the batch itself is left alone
-    half = model_input(x, torch.device("cpu"), "fp16", False, loader.normalize, y)
+    half = model_input(x, torch.device("cpu"), torch.float16, False, loader.normalize, y)
     assert half.dtype == torch.half and torch.equal(half, expected.half())
 
 

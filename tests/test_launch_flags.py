@@ -37,7 +37,7 @@ def test_the_flag_set_is_frozen():
     # A new flag needs a reason: everything else is a `--set key=value` override of the recipe.
     options = {o for a in build_parser("digits_tiny")._actions for o in a.option_strings}
     assert options == {"-h", "--help", "--nodes", "--gpus-per-node", "--recipe", "--data", "--run-name",
-                       "--storage", "--set", "--no-resume"}
+                       "--storage", "--set", "--no-resume", "--dry-run"}
 
 
 def test_unknown_recipe_is_one_line_and_exit_2():
@@ -64,14 +64,13 @@ def test_missing_data_path(tmp_path):
 
 
 def test_global_batch_not_divisible_fails_before_ray_starts(digits, capsys):
-    # digits_tiny with these overrides: 3 CPU workers x 4 images never make a global batch of 8.
+    # digits_tiny pinned to a global batch of 8: 3 CPU workers cannot split it.
     with pytest.raises(SystemExit) as e:
         main("digits_tiny", CIFAR, ["--nodes", "3", "--gpus-per-node", "0", "--data", str(digits),
-                                    "--set", "optim.global_batch=8", "data.batch_size=4"])
+                                    "--set", "optim.global_batch=8", "data.batch_size=4", "optim.batch_policy=fixed"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == ("error: optim.global_batch=8 is not divisible by data.batch_size=4 x "
-                                       "world size 3 = 12. The global batch is fixed by the recipe; no "
-                                       "per-rank data.batch_size fits it; change the number of ranks. "
+    assert capsys.readouterr().err == ("error: optim.global_batch=8 cannot be split over 3 ranks (batch policy "
+                                       "'fixed'); use a world size that divides it, or optim.batch_policy=scale. "
                                        "--nodes and --gpus-per-node set the number of ranks.\n")
     assert not ray.is_initialized()
 

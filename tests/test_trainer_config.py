@@ -7,8 +7,9 @@ import math
 
 import pytest
 
+from trainer.batch_plan import batch_plan
 from trainer.config import TrainConfig, apply_overrides, load_config, save_config, to_dict
-from trainer.deepspeed_config import deepspeed_config, grad_accumulation
+from trainer.deepspeed_config import deepspeed_config
 from trainer.recipes import get_recipe, list_recipes
 from trainer.wrap import lr_lambda
 
@@ -83,34 +84,34 @@ def test_config_round_trip(tmp_path, suffix):
         load_config(tmp_path / "bad.json")
 
 
-def test_global_batch_is_fixed_and_accumulation_absorbs_world_size():
-    assert grad_accumulation(256, 32, 8) == 1
-    assert grad_accumulation(256, 32, 4) == 2
-    assert grad_accumulation(256, 32, 1) == 8
-    with pytest.raises(ValueError, match="not divisible"):
-        grad_accumulation(256, 32, 3)
+def test_global_batch_is_kept_and_accumulation_absorbs_world_size():
     cfg = get_recipe("ms_resnet18_imagenet")
+    assert [batch_plan(cfg.optim, 32, w).grad_accumulation for w in (8, 4, 1)] == [1, 2, 8]
     for world in (1, 2, 4, 8):
-        ds = deepspeed_config(cfg, world, on_gpu=False)
+        ds = deepspeed_config(cfg, batch_plan(cfg.optim, cfg.data.batch_size, world), on_gpu=False)
         assert ds["train_batch_size"] == 256
         assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == 256
+
+
+def plan2(cfg):
+    return batch_plan(cfg.optim, cfg.data.batch_size, 2)
 
 
 def test_precision_policy_in_the_deepspeed_json():
     cfg = get_recipe("digits_tiny")
     apply_overrides(cfg, ["engine.precision=bf16", "engine.zero_stage=2"])
-    ds = deepspeed_config(cfg, 2, on_gpu=False)
+    ds = deepspeed_config(cfg, plan2(cfg), on_gpu=False)
     # bf16 is autocast around an fp32 engine: DeepSpeed's bf16 block would cast params but not BN buffers.
     assert "bf16" not in ds and "fp16" not in ds
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_allow_untested_optimizer"]
     apply_overrides(cfg, ["engine.precision=fp16"])
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
-        deepspeed_config(cfg, 2, on_gpu=False)
-    fp16 = deepspeed_config(cfg, 2, on_gpu=True)["fp16"]
+        deepspeed_config(cfg, plan2(cfg), on_gpu=False)
+    fp16 = deepspeed_config(cfg, plan2(cfg), on_gpu=True)["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0 = dynamic loss scaling
     apply_overrides(cfg, ["engine.precision=fp8"])
     with pytest.raises(ValueError, match="precision"):
-        deepspeed_config(cfg, 2, on_gpu=False)
+        deepspeed_config(cfg, plan2(cfg), on_gpu=False)
 
 
 def test_user_deepspeed_json_is_used_but_checked(tmp_path):
@@ -118,15 +119,15 @@ def test_user_deepspeed_json_is_used_but_checked(tmp_path):
     user = tmp_path / "ds.json"
     cfg.engine.deepspeed_config = str(user)
     user.write_text(json.dumps({"train_batch_size": 32, "gradient_clipping": 1.5, "wall_clock_breakdown": 1}))
-    ds = deepspeed_config(cfg, 2, on_gpu=False)
+    ds = deepspeed_config(cfg, plan2(cfg), on_gpu=False)
     assert ds["gradient_clipping"] == 1.5 and ds["wall_clock_breakdown"]
     assert ds["gradient_accumulation_steps"] == 1
     user.write_text(json.dumps({"train_batch_size": 64}))
     with pytest.raises(ValueError, match="train_batch_size=64"):
-        deepspeed_config(cfg, 2, on_gpu=False)
+        deepspeed_config(cfg, plan2(cfg), on_gpu=False)
     user.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ValueError, match="BatchNorm"):
-        deepspeed_config(cfg, 2, on_gpu=False)
+        deepspeed_config(cfg, plan2(cfg), on_gpu=False)
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():

@@ -86,12 +86,15 @@ def test_server_down_at_start_then_up_loses_nothing(tmp_path, tmp_path_factory, 
         run = runs[0]
         assert run.info.status == "FINISHED"
         assert run.data.params["optim.global_batch"] == "32" and run.data.params["recipe"] == "digits_tiny"
+        assert (run.data.params["plan.global_batch"], run.data.params["plan.grad_accumulation"],
+                run.data.params["plan.policy"]) == ("32", "2", "scale")
         assert run.data.tags["world_size"] == "1"
         # Every training log line, in order, and the final evaluation: nothing was dropped while down.
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert [m.step for m in history] == [4, 8, 12, 16, 20, 24]
         assert {"val/top1", "val/top5", "spikes/rate", "energy/mj_per_image"} <= set(run.data.metrics)
-        assert {"config.yaml", "ds_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "ds_config.json", "batch_plan.json"} <= \
+            {a.path for a in client.list_artifacts(run.info.run_id)}
         # The final and best weights came through the outage too, as logged models of this run.
         exp_id = run.info.experiment_id
         assert sorted(m.name for m in client.search_logged_models([exp_id])

@@ -35,10 +35,16 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     global_batch: int = 256
-    """Images per optimizer step summed over all ranks. Fixed by the recipe: when the world size changes,
-    gradient accumulation changes instead, so the learning-rate schedule means the same thing."""
+    """The recipe's images per optimizer step summed over all ranks, at which `lr` is given. How the run's
+    actual global batch follows from the world size: `batch_policy` (trainer/batch_plan.py)."""
     lr: float = 0.1
-    """Peak learning rate at `global_batch` (the recipe does any linear scaling)."""
+    """Peak learning rate at `global_batch`; the "scale" policy scales it linearly with the global batch."""
+    batch_policy: str = "scale"
+    """'scale': keep data.batch_size per rank, reach `global_batch` by gradient accumulation where the ranks
+    can, else let the global batch grow with the world and scale lr linearly (with `scale_warmup_epochs`).
+    'fixed': `global_batch` and `lr` at any world size (the micro batch shrinks if it must)."""
+    scale_warmup_epochs: float = 5.0
+    """Least warm-up when the "scale" policy grows the global batch past `global_batch` (Goyal et al. 2017)."""
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
@@ -65,12 +71,16 @@ class EngineConfig:
     """Consecutive blocks checkpointed as one unit: its input is kept and backward recomputes the whole
     unit. 1 = each block on its own; longer segments keep fewer inputs at the same recompute cost."""
     sync_bn: bool = True
+    """BatchNorm statistics over all ranks (the authors' SyncBN), with more than one rank only: torch's
+    nn.SyncBatchNorm on CUDA, `wrap.CpuSyncBatchNorm` on CPU. tdBN layers are plain BatchNorm2d, so both
+    conversions reach them."""
     compile: bool = False
     deepspeed_config: str = ""
     """Path to a DeepSpeed JSON to use verbatim instead of the generated one (batch sizes are checked)."""
     seed: int = 0
     backend: str = ""
-    """torch.distributed backend; '' picks nccl with CUDA and gloo otherwise."""
+    """torch.distributed backend; '' picks 'cpu:gloo,cuda:nccl' with CUDA (CPU tensors need a backend too)
+    and gloo otherwise."""
     nonfinite: str = "rollback"
     """A NaN/inf loss or gradient on any rank (all ranks act alike): 'rollback' reloads the newest checkpoint
     (always finite), skips the training batches from there to the failing step and continues; 'skip' drops

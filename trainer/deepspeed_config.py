@@ -6,27 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainer.batch_plan import BatchPlan
 from trainer.config import TrainConfig
 
 
-def grad_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
-    """Micro-steps per optimizer step that keep the global batch fixed, or a clear error."""
-    per_step = micro_batch * world_size
-    if global_batch <= 0 or micro_batch <= 0:
-        raise ValueError(f"optim.global_batch ({global_batch}) and data.batch_size ({micro_batch}) "
-                         "must be > 0")
-    if global_batch % per_step:
-        divisors = [b for b in range(1, global_batch + 1) if global_batch % (b * world_size) == 0]
-        fix = (f"pick a per-rank data.batch_size from {divisors[-6:]} (or change the number of ranks)"
-               if divisors else "no per-rank data.batch_size fits it; change the number of ranks")
-        raise ValueError(
-            f"optim.global_batch={global_batch} is not divisible by data.batch_size={micro_batch} x "
-            f"world size {world_size} = {per_step}. The global batch is fixed by the recipe; {fix}.")
-    return global_batch // per_step
-
-
-def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed config for this run. Precision policy:
+def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed config for this run; the batch sizes are the plan's (trainer/batch_plan.py). Precision policy:
 
     - bf16: the engine stays fp32 (master weights, BN buffers, optimizer) and the trainer autocasts the
       forward pass to bf16. DeepSpeed's own "bf16" block casts the parameters but not the BatchNorm
@@ -34,8 +19,6 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
     - fp16: DeepSpeed's fp16 block with dynamic loss scaling; its CPU accelerator has no fp16 support.
     - The LIF neurons accumulate the membrane and the surrogate gradient in fp32 in every mode.
     """
-    micro, gb = cfg.data.batch_size, cfg.optim.global_batch
-    accum = grad_accumulation(gb, micro, world_size)
     precision = cfg.engine.precision
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"engine.precision must be bf16, fp16 or fp32, got {precision!r}")
@@ -46,9 +29,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
         raise ValueError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.engine.zero_stage}")
 
     ds: dict[str, Any] = {
-        "train_batch_size": gb,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accumulation,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         # Our optimizer is torch's SGD, which DeepSpeed has not whitelisted for ZeRO.
@@ -70,8 +53,8 @@ def _merge_user_config(generated: dict[str, Any], path: Path, on_gpu: bool) -> d
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in user and user[key] != generated[key]:
             raise ValueError(f"{path}: {key}={user[key]} but the run needs {generated[key]} "
-                             "(optim.global_batch, data.batch_size and the world size decide it; change "
-                             "those instead)")
+                             "(optim.global_batch, optim.batch_policy, data.batch_size and the world size "
+                             "decide it; change those instead)")
     if user.get("bf16", {}).get("enabled") and not on_gpu:
         raise ValueError(f"{path}: DeepSpeed's bf16 block breaks BatchNorm on CPU; remove it and use "
                          "engine.precision=bf16 (fp32 engine + bf16 autocast)")

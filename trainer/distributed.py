@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
 from typing import Any
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -19,15 +21,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+"""With GPUs, CUDA tensors reduce over NCCL and CPU tensors over gloo: an NCCL-only group fails on the first
+CPU tensor ("No backend type associated with device type cpu")."""
+
+
+def process_group_backend(on_gpu: bool, configured: str = "") -> str:
+    """The torch.distributed backend string of a run (`engine.backend`, else per device); the trainer's
+    own group and the one Ray Train makes for it use the same."""
+    return configured or (GPU_BACKEND if on_gpu else "gloo")
+
+
 def init_distributed(backend: str) -> tuple[int, int, torch.device]:
     """Join the process group the launcher made (torchrun's environment, or Ray's group), or make a world
     of one; returns (rank, world size, this rank's device)."""
+    import deepspeed  # not at import time: the launchers use `process_group_backend` without it
+
     if not dist.is_initialized() and "RANK" not in os.environ:
         # A plain `python -m trainer.train`: a world of one.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if on_gpu else "gloo"))
+    deepspeed.init_distributed(dist_backend=process_group_backend(on_gpu, backend))
     device = torch.device("cpu")
     if on_gpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -48,13 +63,16 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG stream of this process as tensors and plain values, so checkpoints load weights-only."""
+    """This rank's streams, as tensors and plain values so checkpoints load weights-only. CUDA: only this
+    rank's device's generator (`torch.cuda.current_device()`, which init_distributed sets), not every visible
+    GPU's: under torchrun each rank sees all of a node's GPUs, under Ray one, so a list indexed by device would
+    restore the wrong stream on a resume where the rank lands on another device index."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                    "has_gauss": int(has_gauss), "gauss": float(gauss)}
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -63,5 +81,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        cuda = state.get("cuda")
+        if isinstance(cuda, list | tuple):  # written by the first version: one state per visible device
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is None:  # written without a GPU: the CUDA stream keeps the seed `seed_all` gave it
+            log.warning("the checkpoint holds no CUDA RNG state for device %d; CUDA random streams (dropout) "
+                        "restart from the run's seed", torch.cuda.current_device())
+        else:
+            torch.cuda.set_rng_state(cuda)

@@ -27,22 +27,27 @@ from dataloaders.datasets import get_dataset
 from models.stats import SpikeMonitor
 from trainer.config import TrainConfig, apply_overrides, from_dict, load_config
 from trainer.export import load_exported
-from trainer.precision import autocast, model_input
+from trainer.precision import autocast, model_input, weights_dtype
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
              spikes: bool = True, time_first: bool = False) -> dict[str, float]:
-    """`time_first`: the data set's flag (`dataloaders.get_dataset(name).time_first`)."""
+    """`time_first`: the data set's flag (`dataloaders.get_dataset(name).time_first`).
+
+    The sums stay on `device`, the training device, for two reasons: a batch never waits for the GPU just
+    to be counted, and the all-reduce then runs on the backend that serves that device (an NCCL group has
+    none for CPU tensors)."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(4, dtype=torch.float64)  # top-1 hits, top-5 hits, samples, summed loss
+    dtype = weights_dtype(model)
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, samples, summed loss
     monitor = SpikeMonitor(model) if spikes else nullcontext()
     with monitor:
         for x, y in loader:
             y = y.to(device)
             # A Loader hands over uint8 batches and its normalize; a list of ready float batches has none.
-            x = model_input(x, device, precision, time_first, getattr(loader, "normalize", None), y)
+            x = model_input(x, device, dtype, time_first, getattr(loader, "normalize", None), y)
             # Padding rows (label -1) are dropped before the model sees them, so they count neither in
             # accuracy nor in the spike and energy statistics (eval-mode BN makes this exact).
             keep = y >= 0
@@ -53,8 +58,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
                 logits = model(x).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top == y[:, None]
-            counts += torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(), y.numel(),
-                                    F.cross_entropy(logits, y, reduction="sum").item()], dtype=torch.float64)
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            counts += torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                   counts.new_tensor(y.numel()), loss.double()])
     model.train(was_training)
     world = dist.get_world_size() if dist.is_initialized() else 1
     spike_stats = monitor.summary() if spikes and monitor.images else {}
@@ -64,7 +70,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
             # Per-image statistics, weighted by the real images each rank evaluated.
             keys = sorted(spike_stats)
             images = float(monitor.images)
-            vec = torch.tensor([spike_stats.get(k, 0.0) * images for k in keys] + [images], dtype=torch.float64)
+            vec = torch.tensor([spike_stats.get(k, 0.0) * images for k in keys] + [images], dtype=torch.float64,
+                               device=device)
             dist.all_reduce(vec)
             spike_stats = dict(zip(keys, (vec[:-1] / vec[-1]).tolist()))
     n = counts[2].item()

@@ -37,3 +37,14 @@ class TrainWindow:
         if not n:  # every step of the window was dropped as non-finite: no loss to report
             return perf
         return {"train/loss": loss / n, "train/top1": correct / n, **perf}
+
+
+def loss_scale_metrics(optimizer, skipped_steps: int) -> dict[str, float]:
+    """fp16's dynamic loss scale and the optimizer steps it skipped on overflow, from a DeepSpeed engine's
+    `optimizer` and `skipped_steps`. Its FP16_Optimizer (ZeRO 0) keeps the scale in
+    `loss_scale_config.cur_scale` (it has no `cur_scale`), its ZeRO optimizers in `cur_scale`."""
+    scaler = getattr(optimizer, "loss_scale_config", None)
+    scale = getattr(scaler, "cur_scale", None) if scaler is not None else getattr(optimizer, "cur_scale", None)
+    if scale is None:
+        raise TypeError(f"{type(optimizer).__name__} has no loss scale: is this an fp16 DeepSpeed engine?")
+    return {"train/loss_scale": float(scale), "train/skipped_steps": float(skipped_steps)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 
 def autocast(device: torch.device, precision: str):
@@ -14,13 +15,19 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def model_input(x: torch.Tensor, device: torch.device, precision: str, time_first: bool, normalize=None,
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's inputs must have: its floating-point weights' (half inside a DeepSpeed fp16
+    engine, fp32 in bf16/fp32 engines and in every export, whatever the run's precision)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype, time_first: bool, normalize=None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
     """Batch as the model takes it: time first for sequence data (the dataset's `time_first`: [N, T, C, H, W]
-    -> [T, N, ...]), on the device, and in half precision for fp16 (DeepSpeed casts the model there, not its
-    inputs). `normalize`: the loader's (a Loader hands over uint8 batches), run on the device after the copy;
-    `labels` (ideally on the device already) lets it zero the padding rows."""
+    -> [T, N, ...]), on the device, in `dtype` (`weights_dtype(model)`). `normalize`: the loader's (a Loader
+    hands over uint8 batches), run on the device after the copy (asynchronous on a GPU from the DataLoader's
+    pinned memory); `labels` (ideally on the device already) lets it zero the padding rows."""
     if normalize is not None:
         x = normalize(x.to(device, non_blocking=True), labels)
     x = x.transpose(0, 1) if time_first else x
-    return x.to(device, dtype=torch.half if precision == "fp16" else None, non_blocking=True)
+    return x.to(device, dtype=dtype, non_blocking=True)

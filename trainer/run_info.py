@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.batch_plan import BatchPlan
 from trainer.config import TrainConfig, to_dict
 
 
@@ -31,12 +32,13 @@ def source_tags(resumed_from: Path | None) -> dict[str, str]:
             "resumed_from": str(resumed_from) if resumed_from else ""}
 
 
-def flat_params(cfg: TrainConfig, world: int, accum: int) -> dict[str, Any]:
+def flat_params(cfg: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
     """~50 headline hyper-parameters as flat MLflow params; the full config goes in as an artifact."""
     flat: dict[str, Any] = {}
     for section in ("model", "data", "optim", "engine"):
         for k, v in to_dict(getattr(cfg, section)).items():
             flat[f"{section}.{k}"] = json.dumps(v) if isinstance(v, dict | list) else v
     flat.update({"recipe": cfg.recipe, "checkpoint.every_steps": cfg.checkpoint.every_steps,
-                 "derived.grad_accumulation": accum, "derived.world_size_at_start": world})
+                 "derived.grad_accumulation": plan.grad_accumulation, "derived.world_size_at_start": plan.world_size,
+                 **plan.params()})
     return flat

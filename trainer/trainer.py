@@ -13,6 +13,7 @@ checkpoint and continue after the batches that diverged.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -32,15 +33,23 @@ from dataloaders import build_loader
 from dataloaders.datasets import get_dataset
 from models import create_model
 from models.grad_norms import BlockGradNorms
-from trainer.checkpoint import CheckpointManager, CheckpointMeta, Progress, best_checkpoint, step_dir_name
-from trainer.config import TrainConfig, save_config, to_dict
+from trainer.batch_plan import BatchPlan, batch_plan
+from trainer.checkpoint import (
+    CheckpointManager,
+    CheckpointMeta,
+    Progress,
+    best_checkpoint,
+    read_meta,
+    step_dir_name,
+)
+from trainer.config import OptimConfig, TrainConfig, from_dict, save_config, to_dict
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import init_distributed, rank_seed, seed_all
 from trainer.evaluate import evaluate
 from trainer.export import export
 from trainer.health import NonFiniteError, grads_finite, ranks_flagged, weights_finite
-from trainer.metrics import TrainWindow, peak_memory_gib
-from trainer.precision import autocast, model_input
+from trainer.metrics import TrainWindow, loss_scale_metrics, peak_memory_gib
+from trainer.precision import autocast, model_input, weights_dtype
 from trainer.progress import MetricsFile, eval_line, step_line
 from trainer.run_info import flat_params, source_tags
 from trainer.set_aside import set_aside
@@ -65,12 +74,14 @@ class Trainer:
         self.resumed_from = self._resume_point()
         if self.resumed_from is None and not ck.auto_resume:
             self.checkpoints.set_aside()
-        self.ds_config = deepspeed_config(cfg, self.world, self.device.type == "cuda")
-        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.plan = self._batch_plan()
+        self.ds_config = deepspeed_config(cfg, self.plan, self.device.type == "cuda")
+        self.accum = self.plan.grad_accumulation
 
-        self.train_loader = build_loader(cfg.data, "train", self.rank, self.world)
+        data = dataclasses.replace(cfg.data, batch_size=self.plan.micro_batch)
+        self.train_loader = build_loader(data, "train", self.rank, self.world)
         self.time_first = get_dataset(cfg.data.dataset).time_first
-        self.val_loader = build_loader(cfg.data, "val", self.rank, self.world)
+        self.val_loader = build_loader(data, "val", self.rank, self.world)
         if not cfg.model.num_classes:  # the recipe leaves the head to the data set (`folder`)
             cfg.model.num_classes = len(self.train_loader.classes)
         seed_all(cfg.engine.seed)  # identical initial weights on every rank
@@ -81,8 +92,9 @@ class Trainer:
                              f"{self.accum} one optimizer step needs; lower optim.global_batch or use more data")
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
         self.end = min(self.total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else self.total_steps
-        self.engine = wrap(model, cfg, self.ds_config, self.total_steps, self.steps_per_epoch,
+        self.engine = wrap(model, cfg, self.ds_config, self.plan, self.total_steps, self.steps_per_epoch,
                            self.device.type == "cuda")
+        self.input_dtype = weights_dtype(self.engine.module)
         seed_all(rank_seed(cfg.engine.seed, self.rank))  # a distinct stream per rank; checkpointed per rank
 
         self.progress = Progress()
@@ -164,7 +176,7 @@ class Trainer:
         done = 0
         for x, y in micro_batches:
             y = y.to(self.device, non_blocking=True)
-            x = model_input(x, self.device, cfg.engine.precision, self.time_first, self.train_loader.normalize, y)
+            x = model_input(x, self.device, self.input_dtype, self.time_first, self.train_loader.normalize, y)
             with self.grad_norms if logging and done == self.accum - 1 else nullcontext():
                 with autocast(self.device, cfg.engine.precision):
                     logits = self.engine(x)
@@ -295,17 +307,15 @@ class Trainer:
         self.save(self.evaluate() if evaluated else None)
 
     def log_train(self) -> None:
-        cfg, p, engine = self.cfg, self.progress, self.engine
-        m = {**self.window.metrics(cfg.optim.global_batch), "optim/lr": engine.get_lr()[0],
+        p, engine = self.progress, self.engine
+        m = {**self.window.metrics(self.plan.global_batch), "optim/lr": engine.get_lr()[0],
              "health/nonfinite_steps": p.nonfinite_steps, "health/rollbacks": p.rollbacks,
              "memory/peak_gib": peak_memory_gib(self.device), "progress/epoch": p.epoch,
-             "progress/images_seen": p.step * cfg.optim.global_batch}
+             "progress/images_seen": p.step * self.plan.global_batch}
+        if self.cfg.engine.precision == "fp16":
+            m.update(loss_scale_metrics(engine.optimizer, engine.skipped_steps))
         # DeepSpeed divides each micro-batch loss by `accum` (and multiplies by the fp16 loss scale).
-        grad_scale = 1.0 / self.accum
-        if cfg.engine.precision == "fp16":
-            m["amp/skipped_steps"] = engine.skipped_steps
-            m["amp/loss_scale"] = getattr(engine.optimizer, "cur_scale", float("nan"))
-            grad_scale *= getattr(engine.optimizer, "cur_scale", 1.0)
+        grad_scale = m.get("train/loss_scale", 1.0) / self.accum
         m.update(self.grad_norms.metrics(loss_scale=grad_scale))
         m.update(self.train_loader.metrics(self.device))
         self.last_train, self.window = m, TrainWindow(self.device)
@@ -379,7 +389,7 @@ class Trainer:
         input example; `model.pt` (the final weights) also stays in the run directory for trainer.evaluate."""
         x, y = next(iter(self.val_loader))
         example = self.run_dir / "input_example.npy"
-        x = model_input(x[:1], torch.device("cpu"), "fp32", self.time_first, self.val_loader.normalize, y[:1])
+        x = model_input(x[:1], torch.device("cpu"), torch.float32, self.time_first, self.val_loader.normalize, y[:1])
         np.save(example, x.float().numpy())
         best = best_checkpoint(self.checkpoints.root) or final
         for name, step_dir, file in (("final", final, "model.pt"), ("best", best, "model_best.pt")):
@@ -393,12 +403,23 @@ class Trainer:
             return path
         return self.checkpoints.newest() if self.cfg.checkpoint.auto_resume else None
 
+    def _batch_plan(self) -> BatchPlan:
+        """The recipe's plan for this world size; a resumed run keeps the global batch it started with."""
+        cfg, started_at = self.cfg, None
+        if self.resumed_from is not None:
+            meta = read_meta(self.resumed_from)
+            saved = meta["config"]
+            started_at = batch_plan(from_dict(OptimConfig, saved["optim"]), saved["data"]["batch_size"],
+                                    meta["world_size"]).global_batch
+        return batch_plan(cfg.optim, cfg.data.batch_size, self.world, started_at)
+
     def _start_record(self):
         """Rank 0: the run directory's config files, the MLflow run (continued after a resume), one line."""
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        (run_dir / "batch_plan.json").write_text(json.dumps(self.plan.to_dict(), indent=2))
         logger = None
         if cfg.mlflow.enabled:
             from trainer.mlflow_logger import MlflowLogger  # mlflow loads only when logging is on
@@ -406,15 +427,16 @@ class Trainer:
             logger = MlflowLogger(cfg.mlflow, cfg.mlflow.experiment or cfg.recipe or cfg.model.name,
                                   cfg.resolved_run_name(), self.progress.mlflow_run_id,
                                   run_dir / "mlflow_unsent.json")
-            logger.log_params(flat_params(cfg, self.world, self.accum))
+            logger.log_params(flat_params(cfg, self.plan))
             logger.set_tags({**source_tags(self.resumed_from), "world_size": self.world, "device": self.device.type,
                              "torch": torch.__version__, "deepspeed": deepspeed.__version__, "recipe": cfg.recipe})
             logger.log_artifact(run_dir / "config.yaml")
             logger.log_artifact(run_dir / "ds_config.json")
-        print(f"[trainer] {cfg.resolved_run_name()}: world {self.world} x micro {cfg.data.batch_size} x accum "
-              f"{self.accum} = {cfg.optim.global_batch}; {self.steps_per_epoch} steps/epoch, {self.total_steps} "
-              "steps; " + (f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"),
-              flush=True)
+            logger.log_artifact(run_dir / "batch_plan.json")
+        plan, start = self.plan, f"resuming from {self.resumed_from}" if self.resumed_from else "fresh start"
+        print(f"[trainer] {cfg.resolved_run_name()}: world {self.world} x micro {plan.micro_batch} x accum "
+              f"{self.accum} = {plan.global_batch} at lr {plan.lr:g} ({plan.policy} policy); "
+              f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps; {start}", flush=True)
         return logger
 
     def _log_event(self, metrics: dict[str, float], step: int) -> None:
