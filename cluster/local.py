@@ -48,10 +48,11 @@ BIN = Path(sys.executable).parent
 
 SHIM_SRC = ROOT / "cluster/bind_node_addr.c"
 # Every port a node listens on that `ray start` lets us choose (the head's client server cannot be
-# switched off). Ray picks the rest (worker ports, the dashboard's internal ones) on the node's address.
+# switched off), and on the head MLflow's and PostgreSQL's. Ray picks the rest (worker ports, the
+# dashboard's internal ones) on the node's address.
 NODE_PORTS = ("node-manager-port", "object-manager-port", "runtime-env-agent-port", "dashboard-agent-grpc-port",
               "dashboard-agent-listen-port", "metrics-export-port")
-HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
+HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "mlflow", "postgres")
 
 
 def _pick_ports(host: str, names: tuple[str, ...], fixed: dict[str, int | None]) -> dict[str, int]:
@@ -157,10 +158,11 @@ class LocalCluster:
         if not all(ipaddress.ip_address(ip).is_loopback for ip in ips) or ips[0] == "127.0.0.1":
             raise ValueError(f"node addresses must stay in 127.0.0.2-127.255.255.254, got {ips[0]}..{ips[-1]}")
         head = ips[0]
-        ports = {f"worker{i}" if i else "head": _pick_ports(ip, NODE_PORTS + (HEAD_PORTS if i == 0 else ()),
-                                                          {"port": ray_port, "dashboard-port": dashboard_port})
+        # MLflow's ports are picked with the head's: on one address, they must differ.
+        fixed = {"port": ray_port, "dashboard-port": dashboard_port, "mlflow": mlflow_port, "postgres": pg_port}
+        ports = {f"worker{i}" if i else "head": _pick_ports(ip, NODE_PORTS + (HEAD_PORTS if i == 0 else ()), fixed)
                  for i, ip in enumerate(ips)}
-        ports["mlflow"] = _pick_ports(head, ("mlflow", "postgres"), {"mlflow": mlflow_port, "postgres": pg_port})
+        ports["mlflow"] = {k: ports["head"].pop(k) for k in ("mlflow", "postgres")}
         self.dir.mkdir(parents=True, exist_ok=True)
         shim = self._build_shim()
         token = self.dir / "auth_token"
