@@ -25,6 +25,7 @@ from pathlib import Path
 
 import mlflow
 
+from cluster.local import client_env
 from trainer.mlflow_store import local_store_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         start = timed([str(BIN / "ray"), "job", "submit", "--", "python", "launch/cifar10.py", "--nodes", "2",
                        "--recipe", "digits_tiny", "--data", str(data), "--storage", str(OUT),
                        "--run-name", name, "--set", *overrides(a.steps, store)],
-                      dict(env, RAY_API_SERVER_ADDRESS=state["dashboard"]), OUT / f"{name}.log")
+                      dict(env, **client_env(state)), OUT / f"{name}.log")
         ray = measure(store, name, start, a.warmup)
     finally:
         if started_cluster:

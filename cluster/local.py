@@ -2,7 +2,7 @@
 
     cluster/local.sh up 2                        # head + 2 workers + MLflow (sqlite); reuses a running one
     cluster/local.sh up 2 --mlflow-backend postgres
-    eval "$(cluster/local.sh env)"               # RAY_ADDRESS, MLFLOW_TRACKING_URI for `ray job submit`
+    eval "$(cluster/local.sh env)"               # addresses and the auth token file, for `ray job submit`
     ray job submit -- python launch/cifar10.py --nodes 2 --recipe digits_demo --data data/digits16
     cluster/local.sh status
     cluster/local.sh down                        # stops everything; logs, mlflow.db and artifacts stay in DIR
@@ -15,6 +15,12 @@ MLFLOW_TRACKING_URI (this server) and DEEPSPIKE_STORAGE (DIR/storage, the launch
 as a real cluster's node image would set them. Each node and the MLflow server run in their own process
 group, recorded in DIR/state.json and stopped by those ids only: `ray stop` would kill every Ray instance
 on the machine.
+
+Locked down (docs/cluster_security.md): every process of a node listens on that node's address only
+(cluster/bind_node_addr.c, preloaded into each node, moves Ray's wildcard and 127.0.0.1 listeners there),
+Ray's token authentication is on with a fresh token in DIR/auth_token (mode 0600), and every port is picked
+free on its node's address at `up` and recorded in DIR/state.json, so clusters with different --host run
+side by side. MLflow listens on the head's address; it has no authentication: any local user can use it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import contextlib
 import ipaddress
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,18 +46,37 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+SHIM_SRC = ROOT / "cluster/bind_node_addr.c"
+# Every port a node listens on that `ray start` lets us choose (the head's client server cannot be
+# switched off), and on the head MLflow's and PostgreSQL's. Ray picks the rest (worker ports, the
+# dashboard's internal ones) on the node's address.
+NODE_PORTS = ("node-manager-port", "object-manager-port", "runtime-env-agent-port", "dashboard-agent-grpc-port",
+              "dashboard-agent-listen-port", "metrics-export-port")
+HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port", "mlflow", "postgres")
 
 
-def _get(url: str, timeout: float = 2.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def _pick_ports(host: str, names: tuple[str, ...], fixed: dict[str, int | None]) -> dict[str, int]:
+    """A distinct free port on `host` for each name; a port given in `fixed` must be free there."""
+    socks, ports = [], {}
+    try:
+        for name in names:
+            s = socket.socket()
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, fixed.get(name) or 0))
+            except OSError as e:
+                raise RuntimeError(f"port {host}:{fixed[name]} ({name}) is in use; pick another with the "
+                                   "--*-port options or leave them out for free ones") from e
+            ports[name] = s.getsockname()[1]
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> bytes:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
         return r.read()
 
 
@@ -113,9 +140,10 @@ class LocalCluster:
             return st
         return None
 
-    def up(self, workers: int, host: str = "127.0.0.2", ray_port: int = 6390, dashboard_port: int = 8265,
-           mlflow_port: int = 5000, mlflow_backend: str = "sqlite", pg_port: int = 5433,
-           cpus_per_node: int = 1) -> dict:
+    def up(self, workers: int, host: str = "127.0.0.2", ray_port: int | None = None,
+           dashboard_port: int | None = None, mlflow_port: int | None = None, mlflow_backend: str = "sqlite",
+           pg_port: int | None = None, cpus_per_node: int = 1) -> dict:
+        """Start the cluster, or return the running one. Ports left None are picked free."""
         if workers < 1:
             raise ValueError("a local cluster needs at least one worker node")
         st = self.running()
@@ -127,25 +155,34 @@ class LocalCluster:
         if self.state():
             self.down()  # a half-dead earlier cluster: clear its remains first
         ips = [str(ipaddress.ip_address(host) + i) for i in range(workers + 1)]
-        if not all(ipaddress.ip_address(ip).is_loopback for ip in ips):
-            raise ValueError(f"node addresses must stay in 127.0.0.0/8, got {ips[0]}..{ips[-1]}")
-        for h, p in [(ips[0], ray_port), (ips[0], dashboard_port), ("127.0.0.1", mlflow_port)]:
-            if not _free(h, p):
-                raise RuntimeError(f"port {h}:{p} is in use; pick another with the --*-port options")
+        if not all(ipaddress.ip_address(ip).is_loopback for ip in ips) or ips[0] == "127.0.0.1":
+            raise ValueError(f"node addresses must stay in 127.0.0.2-127.255.255.254, got {ips[0]}..{ips[-1]}")
+        head = ips[0]
+        # MLflow's ports are picked with the head's: on one address, they must differ.
+        fixed = {"port": ray_port, "dashboard-port": dashboard_port, "mlflow": mlflow_port, "postgres": pg_port}
+        ports = {f"worker{i}" if i else "head": _pick_ports(ip, NODE_PORTS + (HEAD_PORTS if i == 0 else ()), fixed)
+                 for i, ip in enumerate(ips)}
+        ports["mlflow"] = {k: ports["head"].pop(k) for k in ("mlflow", "postgres")}
         self.dir.mkdir(parents=True, exist_ok=True)
+        shim = self._build_shim()
+        token = self.dir / "auth_token"
+        token.unlink(missing_ok=True)
+        token.touch(mode=0o600)
+        token.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` makes
         # Unix socket paths must stay under 107 bytes, so Ray's session files get a short path.
-        ray_tmp = f"/tmp/deepspike-ray-{ray_port}"
+        ray_tmp = f"/tmp/deepspike-ray-{head}-{ports['head']['port']}"
+        mlflow_uri = f"http://{head}:{ports['mlflow']['mlflow']}"
         # What a real cluster's node image would set: jobs find the tracking server and shared storage.
-        # Auth mode is explicit because `ray start --head` turns token auth on by itself once any local
-        # `ray.init()` has left a ~/.ray/auth_token, while `ray start --address` does not: the workers
-        # could not join. A loopback development cluster runs without tokens.
-        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                   RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu",
-                   MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
-                   DEEPSPIKE_STORAGE=str(self.dir / "storage"))
+        # Token auth for every node and job; a token in the caller's environment would take precedence.
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "LD_PRELOAD")}
+        env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), DS_ACCELERATOR="cpu",
+                   MLFLOW_TRACKING_URI=mlflow_uri, DEEPSPIKE_STORAGE=str(self.dir / "storage"),
+                   LD_PRELOAD=str(shim))
         st = {"dir": str(self.dir), "workers": workers, "ips": ips, "ray_tmp": ray_tmp,
-              "ray_address": f"{ips[0]}:{ray_port}", "dashboard": f"http://{ips[0]}:{dashboard_port}",
-              "mlflow": f"http://127.0.0.1:{mlflow_port}", "mlflow_backend": mlflow_backend, "pgids": {}}
+              "ray_address": f"{head}:{ports['head']['port']}",
+              "dashboard": f"http://{head}:{ports['head']['dashboard-port']}", "mlflow": mlflow_uri,
+              "mlflow_backend": mlflow_backend, "auth_token_path": str(token), "ports": ports, "pgids": {}}
         common = ["--object-store-memory=200000000", "--disable-usage-stats"]
         try:
             # MLflow starts beside the Ray nodes (its start-up is mostly imports). The nodes start one by
@@ -153,20 +190,23 @@ class LocalCluster:
             mlflow_log = self.dir / "mlflow.log"
             mlflow = self._spawn(st, "mlflow", ["bash", str(ROOT / "cluster/mlflow/server.sh"), "run",
                                                 str(self.dir / "mlflow")],
-                                 dict(env, MLFLOW_PORT=str(mlflow_port), MLFLOW_BACKEND=mlflow_backend,
-                                      PG_PORT=str(pg_port)))
+                                 dict(env, DEEPSPIKE_NODE_ADDR=head, MLFLOW_HOST=head,
+                                      MLFLOW_PORT=str(ports["mlflow"]["mlflow"]),
+                                      MLFLOW_ALLOWED_HOSTS=f"{head}:{ports['mlflow']['mlflow']}",
+                                      MLFLOW_BACKEND=mlflow_backend, PG_HOST=head,
+                                      PG_PORT=str(ports["mlflow"]["postgres"])))
             for i, ip in enumerate(ips):
+                name = "head" if i == 0 else f"worker{i}"
                 argv = [str(BIN / "ray"), "start", f"--node-ip-address={ip}", *common,
-                        f"--resources={json.dumps({f'simnode{i}': 1})}"]
+                        f"--resources={json.dumps({f'simnode{i}': 1})}",
+                        *(f"--{k}={v}" for k, v in ports[name].items())]
                 if i == 0:
-                    argv += ["--head", f"--port={ray_port}", f"--temp-dir={ray_tmp}", "--num-cpus=0",
-                             f"--dashboard-host={ip}", f"--dashboard-port={dashboard_port}"]
+                    argv += ["--head", f"--temp-dir={ray_tmp}", "--num-cpus=0", f"--dashboard-host={ip}"]
                 else:
                     # One log monitor per host: the nodes share the session's log folder.
                     argv += [f"--address={st['ray_address']}", f"--num-cpus={cpus_per_node}",
                              "--include-log-monitor=false"]
-                name = "head" if i == 0 else f"worker{i}"
-                if self._spawn(st, name, argv, env).wait(timeout=120) != 0:
+                if self._spawn(st, name, argv, dict(env, DEEPSPIKE_NODE_ADDR=ip)).wait(timeout=120) != 0:
                     raise RuntimeError(f"`ray start` for {name} failed; see {self.dir / name}.log")
             _wait("MLflow server", lambda: _get(st["mlflow"] + "/health") == b"OK", mlflow, mlflow_log)
             _wait(f"{workers + 1} Ray nodes", lambda: self._alive_nodes(st) == workers + 1, None,
@@ -175,6 +215,19 @@ class LocalCluster:
             self.down()
             raise
         return st
+
+    def _build_shim(self) -> Path:
+        """Compile cluster/bind_node_addr.c into DIR (again when the source is newer)."""
+        out = self.dir / "bind_node_addr.so"
+        if out.exists() and out.stat().st_mtime >= SHIM_SRC.stat().st_mtime:
+            return out
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("the local cluster needs a C compiler (cc) to build cluster/bind_node_addr.c, "
+                               "which keeps every node's listeners on its own loopback address")
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(out), str(SHIM_SRC), "-ldl"],
+                       check=True, capture_output=True)
+        return out
 
     def _save(self, st: dict) -> None:
         self.state_file.write_text(json.dumps(st, indent=2))
@@ -190,7 +243,8 @@ class LocalCluster:
 
     @staticmethod
     def _alive_nodes(st: dict) -> int:
-        nodes = json.loads(_get(st["dashboard"] + "/api/v0/nodes?limit=1000"))["data"]["result"]["result"]
+        nodes = json.loads(_get(st["dashboard"] + "/api/v0/nodes?limit=1000", headers=auth_headers(st)))
+        nodes = nodes["data"]["result"]["result"]
         return sum(n["state"] == "ALIVE" for n in nodes)
 
     def down(self) -> None:
@@ -204,11 +258,21 @@ class LocalCluster:
         self.state_file.unlink()
 
 
-def env_lines(st: dict) -> str:
+def auth_headers(st: dict) -> dict[str, str]:
+    """The HTTP header Ray's dashboard and job API want from a client of this cluster."""
+    return {"Authorization": "Bearer " + Path(st["auth_token_path"]).read_text().strip()}
+
+
+def client_env(st: dict) -> dict[str, str]:
+    """What `ray job submit`, `ray status` and MLflow clients need to reach this cluster."""
     # `ray job submit` reads RAY_API_SERVER_ADDRESS first; ray.init() and `ray status` use RAY_ADDRESS.
-    return (f"export RAY_API_SERVER_ADDRESS={st['dashboard']}\n"
-            f"export RAY_ADDRESS={st['ray_address']}\n"
-            f"export MLFLOW_TRACKING_URI={st['mlflow']}\n")
+    return {"RAY_API_SERVER_ADDRESS": st["dashboard"], "RAY_ADDRESS": st["ray_address"],
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": st["auth_token_path"],
+            "MLFLOW_TRACKING_URI": st["mlflow"]}
+
+
+def env_lines(st: dict) -> str:
+    return "".join(f"export {k}={v}\n" for k, v in client_env(st).items())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,11 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("workers", nargs="?", type=int, default=2, help="worker nodes besides the head (up)")
     ap.add_argument("--dir", default=str(ROOT / "runs/cluster"), help="state, logs and MLflow data")
     ap.add_argument("--host", default="127.0.0.2", help="head address; workers take the next ones")
-    ap.add_argument("--ray-port", type=int, default=6390)
-    ap.add_argument("--dashboard-port", type=int, default=8265)
-    ap.add_argument("--mlflow-port", type=int, default=5000)
+    free = "default: a free port, recorded in DIR/state.json"
+    ap.add_argument("--ray-port", type=int, help=f"the head's GCS port ({free})")
+    ap.add_argument("--dashboard-port", type=int, help=f"the job API and dashboard ({free})")
+    ap.add_argument("--mlflow-port", type=int, help=f"MLflow on the head's address ({free})")
     ap.add_argument("--mlflow-backend", choices=["sqlite", "postgres"], default="sqlite")
-    ap.add_argument("--pg-port", type=int, default=5433)
+    ap.add_argument("--pg-port", type=int, help=f"PostgreSQL, with --mlflow-backend postgres ({free})")
     ap.add_argument("--cpus-per-node", type=int, default=1)
     a = ap.parse_args(argv)
     cluster = LocalCluster(a.dir)

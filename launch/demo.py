@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.local import client_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DATA = ROOT / "data/digits16"
@@ -53,7 +55,7 @@ def main() -> None:
     cmd = [str(BIN / "ray"), "job", "submit", "--", "python", "launch/cifar10.py", "--nodes", "2",
            "--recipe", "digits_demo", "--data", str(DATA.relative_to(ROOT)), "--run-name", name]
     step("ray job submit -- " + " ".join(cmd[cmd.index("--") + 1:]))
-    env = dict(os.environ, RAY_API_SERVER_ADDRESS=state["dashboard"])
+    env = dict(os.environ, **client_env(state))  # the addresses and the cluster's auth token
     done = None
     with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                                       stderr=subprocess.STDOUT, text=True) as job:

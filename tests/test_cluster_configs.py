@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -130,3 +133,58 @@ def test_aws_cluster_launcher_config(kuberay):
         assert cmd.startswith(f"cd {home} && export MLFLOW_TRACKING_URI=http://") and ":5000" in cmd
     assert "--num-cpus=0" in starts[0] and "--head" in starts[0]
     assert any("cluster/mlflow/server.sh run /mnt/cluster_storage/mlflow" in c for c in head_cmds)
+
+
+# A URI with a password in it ("scheme://user:password@host"), which would show in `ps` and in logs.
+PASSWORD_IN_URI = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
+
+
+def allowed_by_mlflow(allowed_hosts: str | None, tracking_uri: str) -> bool:
+    """Whether MLflow's server, given MLFLOW_ALLOWED_HOSTS (None: its default), answers this client."""
+    from mlflow.server.security_utils import get_default_allowed_hosts, is_allowed_host_header
+
+    hosts = [h.strip() for h in allowed_hosts.split(",")] if allowed_hosts else get_default_allowed_hosts()
+    return is_allowed_host_header(hosts, urlsplit(tracking_uri).netloc)
+
+
+def test_mlflow_server_takes_its_allowed_hosts_from_the_environment():
+    script = (CLUSTER / "mlflow/server.sh").read_text()
+    assert '${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"}' in script
+    assert "--allowed-hosts" in subprocess.run([sys.executable, "-m", "mlflow", "server", "--help"],
+                                               capture_output=True, text=True, check=True).stdout
+
+
+def test_kuberay_mlflow_answers_the_pods_and_keeps_its_password_off_the_command_line(kuberay):
+    # MLflow 3's default allowed hosts (localhost, private IPs) refuse the Service name with 403.
+    uri = env(containers(kuberay["RayCluster"]["spec"]["headGroupSpec"]["template"])[0])["MLFLOW_TRACKING_URI"]
+    assert not allowed_by_mlflow(None, uri)
+    [mlflow] = containers(kuberay["Deployment"]["spec"]["template"])
+    mlflow_env = {e["name"]: e for e in mlflow["env"]}
+    allowed = mlflow_env["MLFLOW_ALLOWED_HOSTS"]["value"]
+    for client in (uri, "http://mlflow.default.svc.cluster.local:5000", "http://localhost:5000"):
+        assert allowed_by_mlflow(allowed, client), client
+    assert not allowed_by_mlflow(allowed, "http://evil.example:5000")
+    for name in ("MLFLOW_BACKEND_STORE_URI", "PGPASSWORD"):
+        assert mlflow_env[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
+    assert not PASSWORD_IN_URI.search(yaml.safe_dump_all(kuberay.values()))
+
+
+def test_kuberay_cluster_has_ray_token_auth(kuberay):
+    auth = kuberay["RayCluster"]["spec"]["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"]
+    # The set-up steps create that Secret with the key Ray reads.
+    assert f"create secret generic {auth['secretName']} --from-literal=auth_token=" in (
+        CLUSTER / "kuberay/raycluster.yaml").read_text()
+
+
+def test_aws_cluster_has_token_auth_allowed_hosts_and_no_password_on_a_command_line():
+    cfg = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    for cmd in starts:
+        assert "RAY_AUTH_MODE=token" in cmd.split("ray start")[0], cmd
+    [server] = [c for c in cfg["head_start_ray_commands"] if "server.sh run" in c]
+    assert "MLFLOW_ALLOWED_HOSTS=$(hostname -I | awk '{print $1}'):5000" in server  # the jobs' URI
+    assert "MLFLOW_TRACKING_URI=http://$(hostname -I | awk '{print $1}'):5000" in starts[0]
+    assert "PGPASSFILE=" in server
+    assert not PASSWORD_IN_URI.search(yaml.safe_dump(cfg))

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +21,11 @@ from pathlib import Path
 import mlflow
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
-from ray.util.state import list_actors, list_nodes
+from ray.util.state import StateApiClient
+from ray.util.state.common import ListApiOptions, StateResource
 
-from cluster.local import _kill_groups
+from cluster.local import _kill_groups, auth_headers, client_env
+from tests.cluster_fixtures import local_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +39,9 @@ TINY = ["--recipe", "digits_tiny", "--set", "optim.max_steps=40", "optim.global_
 class Cluster:
     def __init__(self, state: dict, data: Path, storage: Path):
         self.state, self.data, self.storage = state, data, storage
-        self.env = dict(os.environ, RAY_API_SERVER_ADDRESS=state["dashboard"])
-        self.client = JobSubmissionClient(state["dashboard"])
+        self.env = dict(os.environ, **client_env(state))  # what `ray job submit` needs, the token too
+        self.client = JobSubmissionClient(state["dashboard"], headers=auth_headers(state))
+        self.state_api = StateApiClient(state["dashboard"], headers=auth_headers(state))
 
     def submit(self, name: str, *args: str, nodes: int = 2, working_dir: bool = False,
                launcher: str = "launch/cifar10.py") -> str:
@@ -66,13 +68,15 @@ class Cluster:
         return self.client.get_job_logs(sid)
 
     def nodes(self) -> list:
-        return list_nodes(address=self.state["dashboard"], detail=True, filters=[("state", "=", "ALIVE")])
+        return self.state_api.list(StateResource.NODES, ListApiOptions(detail=True, filters=[("state", "=", "ALIVE")]),
+                                   raise_on_missing_output=True)
 
     def workers(self, sid: str) -> list:
         """The RayTrainWorker actors this job created, dead or alive."""
         job_id = self.client.get_job_info(sid).job_id
-        return list_actors(address=self.state["dashboard"], detail=True, limit=1000,
-                           filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)])
+        return self.state_api.list(StateResource.ACTORS, ListApiOptions(
+            detail=True, limit=1000, filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)]),
+            raise_on_missing_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +85,10 @@ def cluster(tmp_path_factory):
     data = base / "digits16"
     subprocess.run([sys.executable, "-m", "dataloaders.convert", "digits", "--out", str(data), "--format",
                     "wds", "--size", "16", "--workers", "1"], cwd=ROOT, check=True, capture_output=True)
-    # Own addresses and ports, so a demo cluster left running on the defaults does not interfere.
-    local = [str(ROOT / "cluster/local.sh"), "--dir", str(base / "cluster")]
-    subprocess.run([*local, "up", "2", "--host", "127.0.1.2", "--ray-port", "6395",
-                    "--dashboard-port", "8295", "--mlflow-port", "5095"], check=True, timeout=300)
-    state = json.loads((base / "cluster/state.json").read_text())
-    try:
+    # A "demo" cluster on the default settings stays up beside this one, as after `make demo`: nothing of
+    # either may clash (issue 12: the second cluster's dashboard agent could not bind its port).
+    with local_cluster(base / "demo"), local_cluster(base / "cluster", "--host", "127.0.1.2") as state:
         yield Cluster(state, data, base / "storage")
-    finally:
-        subprocess.run([*local, "down"], check=True, timeout=120)
-        shutil.rmtree(state["ray_tmp"], ignore_errors=True)  # Ray's session files and logs
 
 
 def weights_sha256(step_dir: Path) -> str:
