@@ -5,6 +5,7 @@
     eval "$(cluster/local.sh env)"               # RAY_ADDRESS, MLFLOW_TRACKING_URI for `ray job submit`
     ray job submit -- python launch/cifar10.py --nodes 2 --recipe digits_demo --data data/digits16
     cluster/local.sh status
+    cluster/local.sh up 2                        # again after a node died: restarts that node only
     cluster/local.sh down                        # stops everything; logs, mlflow.db and artifacts stay in DIR
 
 Every node is its own raylet with its own loopback address (head 127.0.0.2, workers .3, .4, ...) and a
@@ -14,7 +15,8 @@ CPUs, like a real head node, so training workers land on the worker nodes only. 
 MLFLOW_TRACKING_URI (this server) and DEEPSPIKE_STORAGE (DIR/storage, the launchers' default --storage),
 as a real cluster's node image would set them. Each node and the MLflow server run in their own process
 group, recorded in DIR/state.json and stopped by those ids only: `ray stop` would kill every Ray instance
-on the machine.
+on the machine. `up` on a cluster whose head lives restarts only the dead worker nodes (or MLflow
+server), with the arguments they first had; the head, the other nodes and the running jobs stay.
 """
 
 from __future__ import annotations
@@ -113,19 +115,23 @@ class LocalCluster:
             return st
         return None
 
+    def head_alive(self) -> bool:
+        st = self.state()
+        return bool(st) and _alive(st["pgids"]["head"])
+
     def up(self, workers: int, host: str = "127.0.0.2", ray_port: int = 6390, dashboard_port: int = 8265,
            mlflow_port: int = 5000, mlflow_backend: str = "sqlite", pg_port: int = 5433,
            cpus_per_node: int = 1) -> dict:
         if workers < 1:
             raise ValueError("a local cluster needs at least one worker node")
-        st = self.running()
-        if st:
+        st = self.state()
+        if self.head_alive():
             if st["workers"] != workers:
                 raise RuntimeError(f"a cluster with {st['workers']} worker nodes is up in {self.dir}; "
                                    "run `cluster/local.sh down` first")
-            return st
-        if self.state():
-            self.down()  # a half-dead earlier cluster: clear its remains first
+            return self._restart_dead(st)
+        if st:
+            self.down()  # the head is gone, and with it the cluster and its jobs: clear the remains first
         ips = [str(ipaddress.ip_address(host) + i) for i in range(workers + 1)]
         if not all(ipaddress.ip_address(ip).is_loopback for ip in ips):
             raise ValueError(f"node addresses must stay in 127.0.0.0/8, got {ips[0]}..{ips[-1]}")
@@ -139,13 +145,15 @@ class LocalCluster:
         # Auth mode is explicit because `ray start --head` turns token auth on by itself once any local
         # `ray.init()` has left a ~/.ray/auth_token, while `ray start --address` does not: the workers
         # could not join. A loopback development cluster runs without tokens.
-        env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        env = dict(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                    RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu",
                    MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
                    DEEPSPIKE_STORAGE=str(self.dir / "storage"))
+        # argv and env are kept so that `up` can restart a dead node exactly as it first started.
         st = {"dir": str(self.dir), "workers": workers, "ips": ips, "ray_tmp": ray_tmp,
               "ray_address": f"{ips[0]}:{ray_port}", "dashboard": f"http://{ips[0]}:{dashboard_port}",
-              "mlflow": f"http://127.0.0.1:{mlflow_port}", "mlflow_backend": mlflow_backend, "pgids": {}}
+              "mlflow": f"http://127.0.0.1:{mlflow_port}", "mlflow_backend": mlflow_backend, "pgids": {},
+              "argv": {}, "env": {}}
         common = ["--object-store-memory=200000000", "--disable-usage-stats"]
         try:
             # MLflow starts beside the Ray nodes (its start-up is mostly imports). The nodes start one by
@@ -165,9 +173,7 @@ class LocalCluster:
                     # One log monitor per host: the nodes share the session's log folder.
                     argv += [f"--address={st['ray_address']}", f"--num-cpus={cpus_per_node}",
                              "--include-log-monitor=false"]
-                name = "head" if i == 0 else f"worker{i}"
-                if self._spawn(st, name, argv, env).wait(timeout=120) != 0:
-                    raise RuntimeError(f"`ray start` for {name} failed; see {self.dir / name}.log")
+                self._start_node(st, "head" if i == 0 else f"worker{i}", argv, env)
             _wait("MLflow server", lambda: _get(st["mlflow"] + "/health") == b"OK", mlflow, mlflow_log)
             _wait(f"{workers + 1} Ray nodes", lambda: self._alive_nodes(st) == workers + 1, None,
                   self.dir / "head.log")
@@ -176,15 +182,44 @@ class LocalCluster:
             raise
         return st
 
+    def _start_node(self, st: dict, name: str, argv: list[str], env: dict[str, str]) -> None:
+        if self._spawn(st, name, argv, env).wait(timeout=120) != 0:
+            raise RuntimeError(f"`ray start` for {name} failed; see {self.dir / name}.log")
+
+    def _restart_dead(self, st: dict) -> dict:
+        """Restart the dead worker nodes and MLflow server of a cluster whose head lives; nothing else is
+        touched, so running jobs go on (and an elastic run grows back onto the restarted nodes)."""
+        dead = [name for name, g in st["pgids"].items() if not _alive(g)]
+        if dead and "argv" not in st:
+            raise RuntimeError(f"{', '.join(dead)} died, and {self.state_file} predates restarts; "
+                               "run `cluster/local.sh down` and `up` again")
+        for name in dead:
+            # Ray's agents can outlive their raylet (stack notes §3): clear the node's remains first.
+            _kill_groups([st["pgids"][name]], grace_s=2)
+            argv, env = st["argv"][name], st["env"][name]
+            if name == "mlflow":
+                proc = self._spawn(st, name, argv, env)
+                _wait("MLflow server", lambda: _get(st["mlflow"] + "/health") == b"OK", proc,
+                      self.dir / "mlflow.log")
+            else:
+                self._start_node(st, name, argv, env)
+            print(f"restarted {name}", flush=True)
+        if dead:
+            _wait(f"{st['workers'] + 1} Ray nodes", lambda: self._alive_nodes(st) == st["workers"] + 1, None,
+                  self.dir / "head.log")
+        return st
+
     def _save(self, st: dict) -> None:
         self.state_file.write_text(json.dumps(st, indent=2))
 
     def _spawn(self, st: dict, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        """Start `argv` in its own session (so its process group id is its pid) and record that id."""
+        """Start `argv` in its own session (so its process group id is its pid) and record that id, with
+        the command and the environment it added to this one's."""
         with open(self.dir / f"{name}.log", "ab") as f:
-            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, **env),
+                                    cwd=ROOT, start_new_session=True)
         st["pgids"][name] = proc.pid
+        st["argv"][name], st["env"][name] = argv, env
         self._save(st)
         return proc
 
@@ -226,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     cluster = LocalCluster(a.dir)
     if a.command == "up":
-        reused = cluster.running()
+        reused = cluster.head_alive()
         st = cluster.up(a.workers, a.host, a.ray_port, a.dashboard_port, a.mlflow_port, a.mlflow_backend,
                         a.pg_port, a.cpus_per_node)
         print(f"{'reusing' if reused else 'started'} Ray head {st['ray_address']} + {st['workers']} worker "
