@@ -21,7 +21,7 @@ import mlflow
 import pytest
 from ray.job_submission import JobStatus
 
-from cluster.local import _alive, _kill_groups
+from cluster.local import LocalCluster, _alive, _kill_groups
 from launch.common import LaunchError, plan_workers, workers_that_fit
 from trainer.recipes import get_recipe
 
@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Own addresses and ports, apart from test_launch_ray's cluster and a demo one.
 CLUSTER_ARGS = ["--host", "127.0.5.2", "--ray-port", "6495", "--dashboard-port", "8495", "--mlflow-port", "5495"]
 # Checkpoints every 10 steps, so a kill after step 20 lands between two saves; every step is logged so the
-# step reached at the kill is known to the step.
-RUN = ["--recipe", "digits_tiny", "--set", "optim.max_steps=120", "optim.global_batch=8", "data.batch_size=4",
+# step reached at the kill is known to the step. 400 steps (~0.2 s each here) outlast the 60 s after which
+# the shrunk group looks for nodes again, so the run also grows back.
+STEPS = 400
+RUN = ["--recipe", "digits_tiny", "--set", f"optim.max_steps={STEPS}", "optim.global_batch=8", "data.batch_size=4",
        "checkpoint.every_steps=10", "checkpoint.keep_last=2", "log_every=1", "engine.precision=fp32"]
 
 
@@ -94,9 +96,12 @@ def cluster(tmp_path_factory):
     local = [str(ROOT / "cluster/local.sh"), "--dir", str(base / "cluster")]
     subprocess.run([*local, "up", "2", *CLUSTER_ARGS], check=True, timeout=300)
     state = json.loads((base / "cluster/state.json").read_text())
+    c = Cluster(state, data, base / "storage")
     try:
-        yield Cluster(state, data, base / "storage"), local
+        yield c, local
     finally:
+        for job in c.client.list_jobs():  # kept beside the run for a failure's post-mortem
+            (base / f"{job.submission_id}.log").write_text(c.logs(job.submission_id))
         subprocess.run([*local, "down"], check=True, timeout=120)
         subprocess.run(["rm", "-rf", state["ray_tmp"]], check=False)  # Ray's session files and logs
 
@@ -106,21 +111,25 @@ def test_node_loss_run_goes_on_with_the_node_left_and_up_restarts_only_the_dead_
     cluster, local = cluster
     run = cluster.storage / "lost"
     sid = cluster.submit("lost", *RUN)
-    assert cluster.wait(sid, until=lambda: newest_step(run) >= 20) == JobStatus.RUNNING, cluster.logs(sid)[-3000:]
+    # Mid-interval: steps 21-25 are done but not saved.
+    assert cluster.wait(sid, until=lambda: logged_step(run) >= 25) == JobStatus.RUNNING, cluster.logs(sid)[-3000:]
     first_id = json.loads((run / "checkpoints/step_00000020/meta.json").read_text())["mlflow_run_id"]
 
     killed_at, step_at_kill = time.monotonic(), logged_step(run)
     _kill_groups([cluster.state["pgids"]["worker2"]], grace_s=0)  # the node's raylet, agents and workers
     newest_at_kill = newest_step(run)
 
-    def resumed() -> list[int]:
-        return [int(s) for s in re.findall(r"resuming from \S*step_(\d{8})", cluster.logs(sid))]
+    def resumed() -> list[tuple[int, int]]:
+        """(world size, step) of each restart (Ray's print patch shows every trainer line twice)."""
+        found = re.findall(r"\(RayTrainWorker pid=(\d+)\).*: world (\d+) x .*resuming from \S*step_(\d{8})",
+                           cluster.logs(sid))
+        return [(int(world), int(step)) for _, world, step in dict.fromkeys(found)]
 
     assert cluster.wait(sid, timeout=400, until=lambda: bool(resumed())) == JobStatus.RUNNING, \
         cluster.logs(sid)[-3000:]
     detect_s = time.monotonic() - killed_at
-    [resumed_from] = resumed()
-    assert resumed_from == newest_at_kill  # the newest complete step, not an older one Ray registered
+    [(world, resumed_from)] = resumed()
+    assert (world, resumed_from) == (1, newest_at_kill)  # the newest complete step, not an older one Ray had
     assert "world 1 x micro 4 x accum 2 = 8" in cluster.logs(sid)
 
     # `up` on the cluster with a dead node: that node alone comes back; the head, the other node and the job stay.
@@ -131,18 +140,21 @@ def test_node_loss_run_goes_on_with_the_node_left_and_up_restarts_only_the_dead_
     assert {k: after[k] for k in ("head", "worker1", "mlflow")} == {k: before[k] for k in ("head", "worker1", "mlflow")}
     assert after["worker2"] != before["worker2"] and _alive(after["worker2"])
     assert "restarted worker2" in out.stdout and out.stdout.count("restarted") == 1
-    assert len(cluster.nodes()) == 3
+    assert LocalCluster._alive_nodes(cluster.state) == 3
     assert cluster.client.get_job_status(sid) in (JobStatus.RUNNING, JobStatus.SUCCEEDED)
 
     assert cluster.wait(sid, timeout=600) == JobStatus.SUCCEEDED, cluster.logs(sid)[-3000:]
-    meta = json.loads((run / "checkpoints/step_00000120/meta.json").read_text())
-    assert meta["step"] == 120 and meta["mlflow_run_id"] == first_id
+    # Grown back onto the restarted node, from a checkpoint after the first resume, to the last step.
+    [_, (world, grown_from)] = resumed()
+    assert world == 2 and grown_from > resumed_from, cluster.logs(sid)[-3000:]
+    meta = json.loads((run / f"checkpoints/step_{STEPS:08d}/meta.json").read_text())
+    assert meta["step"] == STEPS and meta["world_size"] == 2 and meta["mlflow_run_id"] == first_id
     client = mlflow.MlflowClient(cluster.state["mlflow"])
     [r] = client.search_runs([client.get_experiment_by_name("digits_tiny").experiment_id],
                              "attributes.run_name = 'lost'")
     assert r.info.run_id == first_id and r.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(first_id, "train/loss")]
-    assert set(range(1, 121)) <= set(steps)
-    print(f"\n[node-loss] detect+restart {detect_s:.1f} s; killed at step {step_at_kill}, resumed from "
-          f"{resumed_from}: {step_at_kill - resumed_from} steps recomputed; final world {meta['world_size']}; "
-          f"worker groups {len(cluster.workers(sid))}")
+    assert set(range(1, STEPS + 1)) <= set(steps)
+    print(f"\n[node-loss] kill to resumed training {detect_s:.1f} s; killed at step {step_at_kill}, resumed "
+          f"from {resumed_from}: {step_at_kill - resumed_from} steps recomputed; grew back from step "
+          f"{grown_from}")
