@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_FAILURES = 3
 # Seconds a run may have fewer than --min-nodes usable nodes before it fails: long enough for a lost
 # node to come back (`cluster/local.sh up` restarts one in ~10 s, a cloud replacement takes minutes),
-# short enough that a job never sits stuck without a word.
-NODE_WAIT_S = 180
+# short enough that a job never sits stuck without a word. $DEEPSPIKE_NODE_WAIT_S overrides it.
+NODE_WAIT_S = float(os.environ.get("DEEPSPIKE_NODE_WAIT_S", 180))
 # How often a healthy elastic run checks whether more nodes fit (Ray's default, 60 s): growing restarts
 # the group from the newest checkpoint, so more often would recompute more steps.
 RESIZE_CHECK_S = 60

@@ -155,6 +155,25 @@ def test_node_loss_run_goes_on_with_the_node_left_and_up_restarts_only_the_dead_
     assert r.info.run_id == first_id and r.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(first_id, "train/loss")]
     assert set(range(1, STEPS + 1)) <= set(steps)
+
+    # Below --min-nodes the run fails within a bound, with one message, instead of waiting for ever.
+    sid = f"short-{time.monotonic_ns()}"
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait", "--submission-id", sid,
+                    "--runtime-env-json", json.dumps({"env_vars": {"DEEPSPIKE_NODE_WAIT_S": "15"}}), "--",
+                    "python", "launch/cifar10.py", "--nodes", "2", "--min-nodes", "2", "--data", str(cluster.data),
+                    "--storage", str(cluster.storage), "--run-name", "short", *RUN],
+                   cwd=ROOT, env=cluster.env, check=True, capture_output=True, timeout=120)
+    short = cluster.storage / "short"
+    assert cluster.wait(sid, until=lambda: newest_step(short) >= 10) == JobStatus.RUNNING, cluster.logs(sid)[-3000:]
+    killed_at = time.monotonic()
+    _kill_groups([after["worker2"]], grace_s=0)
+    assert cluster.wait(sid, timeout=300) == JobStatus.FAILED, cluster.logs(sid)[-3000:]
+    fail_s = time.monotonic() - killed_at
+    errors = [line for line in cluster.logs(sid).splitlines() if line.startswith("error:")]
+    assert errors == ["error: the alive nodes held fewer than the 2 workers this run needs (--min-nodes) for 15 s; "
+                      "the run stops. Resubmit with --run-name short to resume from its newest checkpoint."]
+    assert fail_s < 120
+    print(f"\n[node-loss] below --min-nodes: failed {fail_s:.1f} s after the kill (wait 15 s)")
     print(f"\n[node-loss] kill to resumed training {detect_s:.1f} s; killed at step {step_at_kill}, resumed "
           f"from {resumed_from}: {step_at_kill - resumed_from} steps recomputed; grew back from step "
           f"{grown_from}")
