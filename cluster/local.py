@@ -108,12 +108,10 @@ class LocalCluster:
     def state(self) -> dict | None:
         return json.loads(self.state_file.read_text()) if self.state_file.exists() else None
 
-    def running(self) -> dict | None:
-        """The state if every recorded process group is still alive, else None."""
-        st = self.state()
-        if st and all(_alive(g) for g in st["pgids"].values()):
-            return st
-        return None
+    @staticmethod
+    def dead(st: dict) -> list[str]:
+        """The recorded processes (head, workerK, mlflow) whose process group is gone."""
+        return [name for name, g in st["pgids"].items() if not _alive(g)]
 
     def head_alive(self) -> bool:
         st = self.state()
@@ -189,7 +187,7 @@ class LocalCluster:
     def _restart_dead(self, st: dict) -> dict:
         """Restart the dead worker nodes and MLflow server of a cluster whose head lives; nothing else is
         touched, so running jobs go on (and an elastic run grows back onto the restarted nodes)."""
-        dead = [name for name, g in st["pgids"].items() if not _alive(g)]
+        dead = self.dead(st)
         if dead and "argv" not in st:
             raise RuntimeError(f"{', '.join(dead)} died, and {self.state_file} predates restarts; "
                                "run `cluster/local.sh down` and `up` again")
@@ -270,14 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     elif a.command == "down":
         cluster.down()
     else:
-        st = cluster.running()
-        if not st:
+        if not cluster.head_alive():
             sys.exit(f"no local cluster running in {cluster.dir}")
+        st = cluster.state()
         if a.command == "env":
             print(env_lines(st), end="")
         else:
+            dead = cluster.dead(st)
             print(f"{LocalCluster._alive_nodes(st)} Ray nodes alive; dashboard {st['dashboard']}; "
-                  f"MLflow {st['mlflow']} ({st['mlflow_backend']})")
+                  f"MLflow {st['mlflow']} ({st['mlflow_backend']})"
+                  + (f"; dead: {', '.join(dead)} (`up` restarts them)" if dead else ""))
 
 
 if __name__ == "__main__":
