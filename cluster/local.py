@@ -5,6 +5,7 @@
     eval "$(cluster/local.sh env)"               # addresses and the auth token file, for `ray job submit`
     ray job submit -- python launch/cifar10.py --nodes 2 --recipe digits_demo --data data/digits16
     cluster/local.sh status
+    cluster/local.sh up 2                        # again after a node died: restarts that node only
     cluster/local.sh down                        # stops everything; logs, mlflow.db and artifacts stay in DIR
 
 Every node is its own raylet with its own loopback address (head 127.0.0.2, workers .3, .4, ...) and a
@@ -14,7 +15,8 @@ CPUs, like a real head node, so training workers land on the worker nodes only. 
 MLFLOW_TRACKING_URI (this server) and DEEPSPIKE_STORAGE (DIR/storage, the launchers' default --storage),
 as a real cluster's node image would set them. Each node and the MLflow server run in their own process
 group, recorded in DIR/state.json and stopped by those ids only: `ray stop` would kill every Ray instance
-on the machine.
+on the machine. `up` on a cluster whose head lives restarts only the dead worker nodes (or MLflow
+server), with the arguments they first had; the head, the other nodes and the running jobs stay.
 
 Locked down (docs/cluster_security.md): every process of a node listens on that node's address only
 (cluster/bind_node_addr.c, preloaded into each node, moves Ray's wildcard and 127.0.0.1 listeners there),
@@ -133,12 +135,14 @@ class LocalCluster:
     def state(self) -> dict | None:
         return json.loads(self.state_file.read_text()) if self.state_file.exists() else None
 
-    def running(self) -> dict | None:
-        """The state if every recorded process group is still alive, else None."""
+    @staticmethod
+    def dead(st: dict) -> list[str]:
+        """The recorded processes (head, workerK, mlflow) whose process group is gone."""
+        return [name for name, g in st["pgids"].items() if not _alive(g)]
+
+    def head_alive(self) -> bool:
         st = self.state()
-        if st and all(_alive(g) for g in st["pgids"].values()):
-            return st
-        return None
+        return bool(st) and _alive(st["pgids"]["head"])
 
     def up(self, workers: int, host: str = "127.0.0.2", ray_port: int | None = None,
            dashboard_port: int | None = None, mlflow_port: int | None = None, mlflow_backend: str = "sqlite",
@@ -146,14 +150,14 @@ class LocalCluster:
         """Start the cluster, or return the running one. Ports left None are picked free."""
         if workers < 1:
             raise ValueError("a local cluster needs at least one worker node")
-        st = self.running()
-        if st:
+        st = self.state()
+        if self.head_alive():
             if st["workers"] != workers:
                 raise RuntimeError(f"a cluster with {st['workers']} worker nodes is up in {self.dir}; "
                                    "run `cluster/local.sh down` first")
-            return st
-        if self.state():
-            self.down()  # a half-dead earlier cluster: clear its remains first
+            return self._restart_dead(st)
+        if st:
+            self.down()  # the head is gone, and with it the cluster and its jobs: clear the remains first
         ips = [str(ipaddress.ip_address(host) + i) for i in range(workers + 1)]
         if not all(ipaddress.ip_address(ip).is_loopback for ip in ips) or ips[0] == "127.0.0.1":
             raise ValueError(f"node addresses must stay in 127.0.0.2-127.255.255.254, got {ips[0]}..{ips[-1]}")
@@ -173,16 +177,18 @@ class LocalCluster:
         ray_tmp = f"/tmp/deepspike-ray-{head}-{ports['head']['port']}"
         mlflow_uri = f"http://{head}:{ports['mlflow']['mlflow']}"
         # What a real cluster's node image would set: jobs find the tracking server and shared storage.
-        # Token auth for every node and job; a token in the caller's environment would take precedence.
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "LD_PRELOAD")}
-        env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+        # Token auth for every node and job (`_spawn` drops a token in the caller's environment, which would
+        # take precedence). Only these additions are recorded (to restart a dead node exactly), never the
+        # caller's whole environment.
+        env = dict(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                    RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), DS_ACCELERATOR="cpu",
                    MLFLOW_TRACKING_URI=mlflow_uri, DEEPSPIKE_STORAGE=str(self.dir / "storage"),
                    LD_PRELOAD=str(shim))
         st = {"dir": str(self.dir), "workers": workers, "ips": ips, "ray_tmp": ray_tmp,
               "ray_address": f"{head}:{ports['head']['port']}",
               "dashboard": f"http://{head}:{ports['head']['dashboard-port']}", "mlflow": mlflow_uri,
-              "mlflow_backend": mlflow_backend, "auth_token_path": str(token), "ports": ports, "pgids": {}}
+              "mlflow_backend": mlflow_backend, "auth_token_path": str(token), "ports": ports, "pgids": {},
+              "argv": {}, "env": {}}
         common = ["--object-store-memory=200000000", "--disable-usage-stats"]
         try:
             # MLflow starts beside the Ray nodes (its start-up is mostly imports). The nodes start one by
@@ -206,8 +212,7 @@ class LocalCluster:
                     # One log monitor per host: the nodes share the session's log folder.
                     argv += [f"--address={st['ray_address']}", f"--num-cpus={cpus_per_node}",
                              "--include-log-monitor=false"]
-                if self._spawn(st, name, argv, dict(env, DEEPSPIKE_NODE_ADDR=ip)).wait(timeout=120) != 0:
-                    raise RuntimeError(f"`ray start` for {name} failed; see {self.dir / name}.log")
+                self._start_node(st, name, argv, dict(env, DEEPSPIKE_NODE_ADDR=ip))
             _wait("MLflow server", lambda: _get(st["mlflow"] + "/health") == b"OK", mlflow, mlflow_log)
             _wait(f"{workers + 1} Ray nodes", lambda: self._alive_nodes(st) == workers + 1, None,
                   self.dir / "head.log")
@@ -229,15 +234,45 @@ class LocalCluster:
                        check=True, capture_output=True)
         return out
 
+    def _start_node(self, st: dict, name: str, argv: list[str], env: dict[str, str]) -> None:
+        if self._spawn(st, name, argv, env).wait(timeout=120) != 0:
+            raise RuntimeError(f"`ray start` for {name} failed; see {self.dir / name}.log")
+
+    def _restart_dead(self, st: dict) -> dict:
+        """Restart the dead worker nodes and MLflow server of a cluster whose head lives; nothing else is
+        touched, so running jobs go on (and an elastic run grows back onto the restarted nodes)."""
+        dead = self.dead(st)
+        if dead and "argv" not in st:
+            raise RuntimeError(f"{', '.join(dead)} died, and {self.state_file} predates restarts; "
+                               "run `cluster/local.sh down` and `up` again")
+        for name in dead:
+            # Ray's agents can outlive their raylet (stack notes §3): clear the node's remains first.
+            _kill_groups([st["pgids"][name]], grace_s=2)
+            argv, env = st["argv"][name], st["env"][name]
+            if name == "mlflow":
+                proc = self._spawn(st, name, argv, env)
+                _wait("MLflow server", lambda: _get(st["mlflow"] + "/health") == b"OK", proc,
+                      self.dir / "mlflow.log")
+            else:
+                self._start_node(st, name, argv, env)
+            print(f"restarted {name}", flush=True)
+        if dead:
+            _wait(f"{st['workers'] + 1} Ray nodes", lambda: self._alive_nodes(st) == st["workers"] + 1, None,
+                  self.dir / "head.log")
+        return st
+
     def _save(self, st: dict) -> None:
         self.state_file.write_text(json.dumps(st, indent=2))
 
     def _spawn(self, st: dict, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        """Start `argv` in its own session (so its process group id is its pid) and record that id."""
+        """Start `argv` in its own session (so its process group id is its pid) and record that id, with
+        the command and the environment it added to this one's."""
         with open(self.dir / f"{name}.log", "ab") as f:
-            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            base = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "LD_PRELOAD")}
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**base, **env}, cwd=ROOT,
                                     start_new_session=True)
         st["pgids"][name] = proc.pid
+        st["argv"][name], st["env"][name] = argv, env
         self._save(st)
         return proc
 
@@ -291,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     cluster = LocalCluster(a.dir)
     if a.command == "up":
-        reused = cluster.running()
+        reused = cluster.head_alive()
         st = cluster.up(a.workers, a.host, a.ray_port, a.dashboard_port, a.mlflow_port, a.mlflow_backend,
                         a.pg_port, a.cpus_per_node)
         print(f"{'reusing' if reused else 'started'} Ray head {st['ray_address']} + {st['workers']} worker "
@@ -300,14 +335,16 @@ def main(argv: list[str] | None = None) -> None:
     elif a.command == "down":
         cluster.down()
     else:
-        st = cluster.running()
-        if not st:
+        if not cluster.head_alive():
             sys.exit(f"no local cluster running in {cluster.dir}")
+        st = cluster.state()
         if a.command == "env":
             print(env_lines(st), end="")
         else:
+            dead = cluster.dead(st)
             print(f"{LocalCluster._alive_nodes(st)} Ray nodes alive; dashboard {st['dashboard']}; "
-                  f"MLflow {st['mlflow']} ({st['mlflow_backend']})")
+                  f"MLflow {st['mlflow']} ({st['mlflow_backend']})"
+                  + (f"; dead: {', '.join(dead)} (`up` restarts them)" if dead else ""))
 
 
 if __name__ == "__main__":

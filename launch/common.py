@@ -9,6 +9,13 @@ reference to it, `ray_refs/step_XXXXXXXX/checkpoint.json`, registered where it l
 The reference, not the step directory, is what Ray registers: Ray deletes what it evicts and refuses
 to restore a run whose registered checkpoints are gone, while the trainer prunes its own (keeping the
 best one too). With an s3:// storage the run directory lies elsewhere and Ray gets the metrics only.
+
+Node loss: the worker group is elastic between --min-nodes and --nodes (Ray Train v2's
+`ScalingConfig(num_workers=(min, max))`). A lost node fails the group; Ray restarts it on the nodes that
+are left, from the trainer's newest complete step (the trainer resumes exactly across world sizes), and
+grows it back, again from a checkpoint, once a node returns (checked every RESIZE_CHECK_S). Below
+--min-nodes Ray would wait for nodes for ever, so the launcher fails the run after NODE_WAIT_S with one
+message, and worker-group start-up failures count against a finite limit.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,8 +44,16 @@ from trainer.recipes import get_recipe
 from trainer.set_aside import set_aside
 
 ROOT = Path(__file__).resolve().parents[1]
-# Worker-group restarts Ray may do after crashes before the run fails; each resumes from a checkpoint.
+# Worker-group restarts Ray may do after crashes before the run fails, each from a checkpoint; also the
+# limit on failed worker-group start-ups (each waits up to Ray's 60 s), which Ray would retry for ever.
 MAX_FAILURES = 3
+# Seconds a run may have fewer than --min-nodes usable nodes before it fails: long enough for a lost
+# node to come back (`cluster/local.sh up` restarts one in ~10 s, a cloud replacement takes minutes),
+# short enough that a job never sits stuck without a word. $DEEPSPIKE_NODE_WAIT_S overrides it.
+NODE_WAIT_S = float(os.environ.get("DEEPSPIKE_NODE_WAIT_S", 180))
+# How often a healthy elastic run checks whether more nodes fit (Ray's default, 60 s): growing restarts
+# the group from the newest checkpoint, so more often would recompute more steps.
+RESIZE_CHECK_S = 60
 REFS, REF_FILE = "ray_refs", "checkpoint.json"
 
 
@@ -48,6 +64,8 @@ class LaunchError(ValueError):
 def build_parser(default_recipe: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an MS-ResNet with Ray Train (see launch/common.py).")
     p.add_argument("--nodes", type=int, default=1, help="nodes to train on (default 1)")
+    p.add_argument("--min-nodes", type=int, default=1,
+                   help="fewest nodes the run goes on with after a node loss (default 1: any that are left)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPU workers per node; 0 = one CPU worker per node (default: what the nodes have)")
     p.add_argument("--recipe", default=default_recipe, help=f"trainer recipe (default {default_recipe})")
@@ -144,7 +162,10 @@ def dry_run(args: argparse.Namespace, datasets: tuple[str, ...]) -> dict:
 
 
 def plan_workers(args: argparse.Namespace, cfg: TrainConfig, nodes: list[dict]) -> ScalingConfig:
-    """Check the request against the alive nodes (`ray.nodes()`) and the batch arithmetic."""
+    """Check the request against the alive nodes (`ray.nodes()`) and the batch arithmetic of every world
+    size the elastic group may shrink to."""
+    if not 1 <= args.min_nodes <= args.nodes:
+        raise LaunchError(f"--min-nodes must be between 1 and --nodes {args.nodes}, got {args.min_nodes}")
     alive = [n["Resources"] for n in nodes if n["Alive"]]
     gpus = args.gpus_per_node
     if gpus is None:
@@ -154,15 +175,60 @@ def plan_workers(args: argparse.Namespace, cfg: TrainConfig, nodes: list[dict]) 
     if len(fit) < args.nodes:
         what = f"{gpus} GPUs" if gpus else "a CPU"
         raise LaunchError(f"--nodes {args.nodes} but the cluster has {len(fit)} node(s) with {what}")
-    world = args.nodes * max(gpus, 1)
+    per_node = max(gpus, 1)
+    world = args.nodes * per_node
     check_batch(cfg, world)
+    for n in range(args.min_nodes, args.nodes):
+        try:
+            check_batch(cfg, n * per_node)
+        except LaunchError as e:
+            raise LaunchError(f"--min-nodes {args.min_nodes} lets a node loss shrink the run to {n} node(s): "
+                              f"{e}") from None
+    # A fixed size when there is nothing to shrink to; Ray's elastic policy otherwise.
+    workers = world if args.min_nodes == args.nodes else (args.min_nodes * per_node, world)
     cpus = int(min(r.get("CPU", 0) for r in fit[: args.nodes]))
     if gpus:
         # Ranks of one node sit together; the node's CPUs feed their data loaders.
-        return ScalingConfig(num_workers=world, use_gpu=True, placement_strategy="PACK",
-                             resources_per_worker={"GPU": 1, "CPU": max(cpus // gpus, 1)})
-    return ScalingConfig(num_workers=world, use_gpu=False, resources_per_worker={"CPU": cpus},
-                         placement_strategy="STRICT_SPREAD" if world > 1 else "PACK")
+        return ScalingConfig(num_workers=workers, use_gpu=True, placement_strategy="PACK",
+                             resources_per_worker={"GPU": 1, "CPU": max(cpus // gpus, 1)},
+                             elastic_resize_monitor_interval_s=RESIZE_CHECK_S)
+    return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus},
+                         placement_strategy="STRICT_SPREAD" if world > 1 else "PACK",
+                         elastic_resize_monitor_interval_s=RESIZE_CHECK_S)
+
+
+def workers_that_fit(scaling: ScalingConfig, nodes: list[dict]) -> int:
+    """How many workers the alive nodes (`ray.nodes()`) can hold, counted as Ray's elastic policy does."""
+    need = {k: v for k, v in scaling.resources_per_worker.items() if v > 0}
+    return sum(int(min(n["Resources"].get(k, 0) // v for k, v in need.items())) for n in nodes if n["Alive"])
+
+
+class NodeWatch(threading.Thread):
+    """Fails the job when the alive nodes hold fewer than the minimum workers for NODE_WAIT_S: Ray's
+    elastic policy would wait for nodes for ever, without a word to the user."""
+
+    def __init__(self, scaling: ScalingConfig, run_name: str, wait_s: float = NODE_WAIT_S, poll_s: float = 5.0):
+        super().__init__(name="node-watch", daemon=True)
+        self.scaling, self.run_name, self.wait_s, self.poll_s = scaling, run_name, wait_s, poll_s
+
+    def run(self) -> None:
+        short_since = None
+        while True:
+            fit = workers_that_fit(self.scaling, ray.nodes())
+            now = time.monotonic()
+            if fit >= self.scaling.min_workers:
+                short_since = None
+            elif short_since is None:
+                short_since = now
+                print(f"[launch] the alive nodes hold {fit} of the {self.scaling.min_workers} workers this run "
+                      f"needs at least; waiting up to {self.wait_s:.0f} s for nodes to return", flush=True)
+            elif now - short_since >= self.wait_s:
+                print(f"error: the alive nodes held fewer than the {self.scaling.min_workers} workers this run "
+                      f"needs (--min-nodes) for {self.wait_s:.0f} s; the run stops. Resubmit with --run-name "
+                      f"{self.run_name} to resume from its newest checkpoint.", file=sys.stderr, flush=True)
+                # The driver's exit ends the job and its Ray actors; no worker is running at this point.
+                os._exit(3)
+            time.sleep(self.poll_s)
 
 
 def train_loop(loop_config: dict) -> None:
@@ -211,7 +277,8 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
     if args.no_resume and (aside := set_aside(Path(cfg.run_dir))):
         print(f"[launch] --no-resume: moved the earlier run to {aside}", flush=True)
     kind = "GPU" if scaling.use_gpu else "CPU"
-    print(f"[launch] {cfg.run_name}: {scaling.num_workers} {kind} workers on {args.nodes} node(s); storage "
+    shrink = f" (at least {args.min_nodes} after a node loss)" if args.min_nodes < args.nodes else ""
+    print(f"[launch] {cfg.run_name}: {scaling.max_workers} {kind} workers on {args.nodes} node(s){shrink}; storage "
           f"{args.storage}; data {cfg.data.path}; MLflow {cfg.mlflow.tracking_uri}", flush=True)
     trainer = TorchTrainer(
         train_loop,
@@ -220,10 +287,12 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
         scaling_config=scaling,
         torch_config=TorchConfig(backend=process_group_backend(scaling.use_gpu, cfg.engine.backend)),
         run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
-                             failure_config=FailureConfig(max_failures=MAX_FAILURES),
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES,
+                                                          controller_failure_limit=MAX_FAILURES),
                              # Only the newest reference is needed: resume never reads one.
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
+    NodeWatch(scaling, cfg.run_name).start()
     result = trainer.fit()
     m = result.metrics or {}
     step_dir = json.loads((Path(result.checkpoint.path) / REF_FILE).read_text())["step_dir"] \
