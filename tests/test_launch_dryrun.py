@@ -104,10 +104,14 @@ def test_a_resumed_run_keeps_its_global_batch():
     assert (fewer.micro_batch, fewer.grad_accumulation, fewer.global_batch, fewer.lr, fewer.warmup_epochs) == \
         (32, 4, 1024, pytest.approx(0.4), 5.0)
     assert fewer.policy == "scale" and batch_plan(cfg.optim, 32, 32, started_at=1024) == started
-    with pytest.raises(ValueError, match="global batch of 1024 cannot be split over 3 ranks"):
-        batch_plan(cfg.optim, 32, 3, started_at=1024)
+    # 4 x 8 GPUs less one node: 1024 cannot be split over 24 ranks; "scale" goes on with whole rounds.
+    shrunk = batch_plan(cfg.optim, 32, 24, started_at=1024)
+    assert (shrunk.micro_batch, shrunk.grad_accumulation, shrunk.global_batch, shrunk.lr) == \
+        (32, 1, 768, pytest.approx(0.3))
     apply_overrides(cfg, ["optim.batch_policy=fixed"])
     assert batch_plan(cfg.optim, 32, 64, started_at=256) == batch_plan(cfg.optim, 32, 64)
+    with pytest.raises(ValueError, match="global batch of 256 cannot be split over 3 ranks"):
+        batch_plan(cfg.optim, 32, 3, started_at=256)
 
 
 def test_dry_run_errors_are_one_line_and_exit_2(capsys):

@@ -18,13 +18,15 @@ for `world` ranks:
   accumulated when that divides, else as the largest micro batch below it that does; a world size that
   does not divide the global batch is an error.
 
-Resume: a run keeps the global batch it started with (`started_at`, recomputed from the checkpoint's
-config and world size), so a resume at another world size continues the same optimisation exactly: the
+Resume: a run keeps the global batch it started with (`started_at`, saved in every checkpoint's
+meta.json), so a resume at another world size continues the same optimisation exactly: the
 saved global batch is split over the new ranks as under "fixed", and the "scale" policy's lr and warm-up
 follow from it as before. A scaled run resumed on fewer ranks (a lost node) therefore accumulates more
-instead of shrinking its batch mid-schedule; on a world size the saved global batch cannot be split over,
-the resume fails with a clear error. Only a new run (new --run-name) re-plans from the recipe. Bit for bit
-(up to summation order) also needs BatchNorm to see the same images: with SyncBN, the same micro x world
+instead of shrinking its batch mid-schedule. On a world size the saved global batch cannot be split over
+(4 x 8 GPUs = 1024 resumed on 3 x 8), "fixed" fails with a clear error, while "scale" goes on with the
+largest batch of whole `micro x world` rounds within it (768 at lr x 0.75) and the trainer warns that the
+resume is not exact. Only a new run (new --run-name) re-plans from the recipe. Bit for bit (up to
+summation order) also needs BatchNorm to see the same images: with SyncBN, the same micro x world
 (e.g. data.batch_size=32 on 1 rank for 16 on 2); otherwise the step differs by BN's batch statistics only.
 """
 
@@ -80,9 +82,15 @@ def batch_plan(optim, micro_batch: int, world: int, started_at: int | None = Non
     try:
         plan = _split(started_at, micro_batch, world, optim, policy)
     except ValueError:
-        raise ValueError(f"this run's global batch of {started_at} cannot be split over {world} ranks, so it "
-                         "cannot resume exactly here; resume on a world size that divides it, or start a new "
-                         "run") from None
+        if policy == "fixed":
+            raise ValueError(f"this run's global batch of {started_at} cannot be split over {world} ranks, so "
+                             "it cannot resume exactly here (batch policy 'fixed'); resume on a world size that "
+                             "divides it, or start a new run") from None
+        # An elastic run that lost a node: going on beats stopping. The largest whole number of rounds that
+        # stays within the run's batch, the lr following it; the trainer reports the changed plan.
+        accum = max(1, started_at // (micro_batch * world))
+        plan = BatchPlan(world, micro_batch, accum, micro_batch * world * accum, 0.0, 0.0, policy,
+                         optim.global_batch, optim.lr)
     return _scaled(plan, optim) if policy == "scale" else plan
 
 

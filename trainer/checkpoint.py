@@ -77,6 +77,9 @@ class CheckpointMeta:
     precision: str
     grad_accumulation: int
     config: dict[str, Any]
+    global_batch: int | None = None
+    """Images per optimizer step when this was saved, which a resume keeps (trainer/batch_plan.py); None in
+    files from before the batch plan, where it follows from `config` and `world_size`."""
     best_metric_here: float | None = None
     """The validation top-1 measured at this step, if any: what `keep_best` ranks checkpoints by."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -85,6 +88,8 @@ class CheckpointMeta:
 
     def to_dict(self) -> dict[str, Any]:
         flat = dataclasses.asdict(self)
+        if flat["global_batch"] is None:  # an older file read back: written as it was
+            del flat["global_batch"]
         return {"format": flat.pop("format"), **flat.pop("progress"), **flat}
 
     @classmethod

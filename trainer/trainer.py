@@ -352,7 +352,8 @@ class Trainer:
         p.mlflow_run_id = self.logger.run_id if self.logger else p.mlflow_run_id
         meta = CheckpointMeta(p, world_size=self.world, zero_stage=cfg.engine.zero_stage,
                               precision=cfg.engine.precision, grad_accumulation=self.accum, config=to_dict(cfg),
-                              best_metric_here=val_here, metrics={**self.last_train, **self.last_val})
+                              global_batch=self.plan.global_batch, best_metric_here=val_here,
+                              metrics={**self.last_train, **self.last_val})
         step_dir = self.checkpoints.save(self.engine, self.train_loader, meta)
         self.saved_step = p.step
         if self.report is not None:
@@ -409,9 +410,15 @@ class Trainer:
         if self.resumed_from is not None:
             meta = read_meta(self.resumed_from)
             saved = meta["config"]
-            started_at = batch_plan(from_dict(OptimConfig, saved["optim"]), saved["data"]["batch_size"],
-                                    meta["world_size"]).global_batch
-        return batch_plan(cfg.optim, cfg.data.batch_size, self.world, started_at)
+            # Recorded since the batch plan; older files: the plan that run had at its world size.
+            started_at = meta.get("global_batch") or batch_plan(
+                from_dict(OptimConfig, saved["optim"]), saved["data"]["batch_size"], meta["world_size"]).global_batch
+        plan = batch_plan(cfg.optim, cfg.data.batch_size, self.world, started_at)
+        if started_at is not None and plan.global_batch != started_at and self.rank == 0:
+            print(f"[trainer] warning: this run trained with a global batch of {started_at}, which {self.world} "
+                  f"ranks cannot split: it goes on with {plan.global_batch} at lr {plan.lr:g} "
+                  "(optim.batch_policy=scale), so the resume is not exact", flush=True)
+        return plan
 
     def _start_record(self):
         """Rank 0: the run directory's config files, the MLflow run (continued after a resume), one line."""
