@@ -62,6 +62,8 @@ def test_min_nodes_out_of_range_or_a_shrunk_world_the_batch_cannot_split_is_refu
     with pytest.raises(LaunchError, match="--min-nodes must be between 1 and --nodes 2, got 3"):
         plan_workers(args(2, min_nodes=3), cfg, [node(), node()])
     cfg.optim.global_batch, cfg.data.batch_size = 32, 8  # 4 ranks x 8 = 32, but 3 ranks cannot split 32
+    assert plan_workers(args(4), cfg, [node()] * 4).num_workers == (1, 4)  # "scale" re-plans on 3
+    cfg.optim.batch_policy = "fixed"
     with pytest.raises(LaunchError, match="--min-nodes 1 lets a node loss shrink the run to 3 node"):
         plan_workers(args(4), cfg, [node()] * 4)
     assert plan_workers(args(4, min_nodes=4), cfg, [node()] * 4).num_workers == 4
