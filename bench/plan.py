@@ -174,9 +174,27 @@ def calibrate(name: str, T: int, setting: str, calib_res: int, device: torch.dev
                per_image=s2.peak_bytes - s1.peak_bytes, calib_res=calib_res)
 
 
+def search_largest(fits: Callable[[int], bool], start: int = 1, grow: float = 2.0, tol: float = 0.0) -> int:
+    """Largest batch b >= 0 with fits(b), fits being monotone: grow from `start` by `grow` (or shrink) until
+    the answer is bracketed, then bisect until the bracket is within `tol` (a fraction) of the answer."""
+    lo, hi = 0, start
+    if fits(start):
+        lo, hi = start, max(start + 1, int(start * grow))
+        while fits(hi):
+            lo, hi = hi, max(hi + 1, int(hi * grow))
+    else:
+        lo = int(start / grow)
+        while lo > 0 and not fits(lo):
+            lo, hi = int(lo / grow), lo
+    while hi - lo > max(1.0, tol * lo):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def largest_fitting_batch(name: str, T: int, setting: str, res: int, cap_gib: float,
-                          device: torch.device) -> int:
-    """Largest batch whose step runs with the allocator capped at cap_gib (GPU only)."""
+                          device: torch.device, start: int = 1, grow: float = 2.0, tol: float = 0.0) -> int:
+    """Largest batch whose step runs with the allocator capped at cap_gib (GPU only); see search_largest."""
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), device)
 
@@ -190,14 +208,10 @@ def largest_fitting_batch(name: str, T: int, setting: str, res: int, cap_gib: fl
             gc.collect()
             torch.cuda.empty_cache()
 
-    lo, hi = 0, 1
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return lo
+    try:
+        return search_largest(fits, start, grow, tol)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def main(argv: list[str] | None = None) -> None:
