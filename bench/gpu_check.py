@@ -41,7 +41,7 @@ TEST_FILES = ["tests/test_models_reference.py", "tests/test_lif_op.py"]
 DRY_RUN_TESTS = "not triton and not traces and not opcheck and not missing_compiled"
 # name: (timeout on the GPU box, timeout in the CPU dry run), seconds. GPU: tests ~1 min, ray 4 jobs of
 # ~40 s, speed ~2.5 min, which with ~20 s of install leaves the 8 minutes some slack.
-STAGES = {"tests": (75, 60), "ray": (200, 150), "speed": (160, 80)}
+STAGES = {"tests": (90, 60), "ray": (200, 150), "speed": (160, 80)}
 PACKAGES = ("torch", "deepspeed", "ray", "webdataset", "wids", "mlflow", "pytest", "spikingjelly", "triton")
 FP16_ON_CPU = "substituted on CPU: DeepSpeed's CPU accelerator has no fp16; that stage ran in fp32"
 

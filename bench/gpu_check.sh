@@ -36,8 +36,9 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-# models import the LIF op's compiled CPU kernels; a bare checkout has to build them first (needs g++).
-"$PY" -c "import deepspike_ops" 2>/dev/null || "$PY" models/csrc/build.py >"$OUT/build_ops.txt" 2>&1 \
+# models import the LIF op's compiled CPU kernels; a bare box has to build them first (needs g++). The check
+# imports torch first: without libtorch loaded the extension never imports, and it would be rebuilt every run.
+"$PY" -c "import torch, deepspike_ops" 2>/dev/null || "$PY" models/csrc/build.py >"$OUT/build_ops.txt" 2>&1 \
   || { tail "$OUT/build_ops.txt"; exit 1; }
 if [ ${#DRY[@]} -eq 0 ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -27,8 +27,8 @@ import ctypes
 import gc
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -192,26 +192,36 @@ def search_largest(fits: Callable[[int], bool], start: int = 1, grow: float = 2.
     return lo
 
 
-def largest_fitting_batch(name: str, T: int, setting: str, res: int, cap_gib: float,
-                          device: torch.device, start: int = 1, grow: float = 2.0, tol: float = 0.0) -> int:
-    """Largest batch whose step runs with the allocator capped at cap_gib (GPU only); see search_largest."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), device)
-
+def gpu_fits(name: str, T: int, setting: str, res: int, device: torch.device) -> Callable[[int], bool]:
+    """fits(batch): whether a fresh model's training step at that batch runs without a CUDA OOM."""
     def fits(b: int) -> bool:
         try:
-            measure(name, T, setting, b, res, device)
+            measure(name, T, setting, b, res, device, steps=0)
             return True
         except torch.OutOfMemoryError:
             return False
         finally:
             gc.collect()
             torch.cuda.empty_cache()
+    return fits
 
+
+@contextmanager
+def memory_cap(cap_gib: float, device: torch.device) -> Iterator[None]:
+    """The caching allocator limited to cap_gib on the GPU, as if it had only that much memory."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), device)
     try:
-        return search_largest(fits, start, grow, tol)
+        yield
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def largest_fitting_batch(name: str, T: int, setting: str, res: int, cap_gib: float,
+                          device: torch.device) -> int:
+    """Largest batch whose step runs with the allocator capped at cap_gib (GPU only)."""
+    with memory_cap(cap_gib, device):
+        return search_largest(gpu_fits(name, T, setting, res, device))
 
 
 def main(argv: list[str] | None = None) -> None:
