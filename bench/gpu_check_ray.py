@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[ray] {precision} FAILED: {str(e)[-2000:]}", flush=True)
             Path(a.json).write_text(json.dumps(result, indent=1))
     Path(a.json).write_text(json.dumps(result, indent=1))
+    if failed := [r["precision"] for r in result["runs"] if "error" in r]:
+        raise SystemExit(f"[ray] failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

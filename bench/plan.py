@@ -169,7 +169,7 @@ class Fit:
 
 
 def calibrate(name: str, T: int, setting: str, calib_res: int, device: torch.device) -> Fit:
-    s1, s2 = (measure(name, T, setting, b, calib_res, device) for b in (1, 2))
+    s1, s2 = (measure(name, T, setting, b, calib_res, device, steps=0) for b in (1, 2))  # memory only
     return Fit(setting, held=s1.base_bytes, step_fixed=2 * s1.peak_bytes - s2.peak_bytes,
                per_image=s2.peak_bytes - s1.peak_bytes, calib_res=calib_res)
 
