@@ -142,7 +142,8 @@ def after_ray(work: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="gpu_check.json and the Ray job logs go here")
-    ap.add_argument("--work", help="data, checkpoints, Ray session (default: a new folder under /tmp)")
+    ap.add_argument("--work", help="data, checkpoints, Ray job logs (default: a new folder under /tmp, removed "
+                    "when every stage is ok)")
     ap.add_argument("--budget-s", type=float, help="all stages together (default: the sum of their timeouts; "
                     "more stretches each timeout in proportion)")
     ap.add_argument("--cpu-dry-run", action="store_true")
@@ -199,8 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     result["total_seconds"] = round(time.monotonic() - t0, 1)
     json_path.write_text(json.dumps(result, indent=1))
     failed = [n for n, s in result["stages"].items() if s["status"] != "ok"]
+    if not a.work and not failed:
+        shutil.rmtree(work, ignore_errors=True)  # data and checkpoints; kept when a stage needs looking into
     print(f"[gpu_check] done in {result['total_seconds']} s; {json_path}; "
-          + (f"not ok: {', '.join(failed)}" if failed else "every stage ok"), flush=True)
+          + (f"not ok: {', '.join(failed)}; its data and checkpoints are in {work}" if failed else "every stage ok"),
+          flush=True)
     sys.exit(1 if failed else 0)
 
 

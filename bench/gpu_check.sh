@@ -4,16 +4,17 @@
 #     bash bench/gpu_check.sh [OUT]                  # OUT defaults to $OUT, then ./gpu_check_out
 #     bash bench/gpu_check.sh --cpu-dry-run [OUT]    # the same sequence at toy sizes on the CPU, < 5 min
 # Writes OUT/gpu_check.json (every stage's result or failure), OUT/gpu_check.log (progress per stage and all
-# output) and OUT/ray_logs/. GPU_CHECK_BUDGET_S=SECONDS replaces the total time budget. The stages and their timeouts: bench/gpu_check.py. Wheels for what the box's
-# image lacks (deepspeed and its pure-Python needs, webdataset, wids, braceexpand; ray[train], mlflow or
-# pytest if absent) are taken from ./.whl when present.
+# output) and OUT/ray_logs/. The stages and their timeouts: bench/gpu_check.py. GPU_CHECK_BUDGET_S=SECONDS
+# replaces the total time budget (a loaded machine). Wheels for what the box's image lacks (deepspeed and
+# its pure-Python needs, webdataset, wids, braceexpand; ray[train], mlflow or pytest if absent) are taken
+# from ./.whl when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=() OUT_ARG=""
 for arg in "$@"; do
   case $arg in
     --cpu-dry-run) DRY=(--cpu-dry-run) ;;
-    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
     -*) echo "unknown option $arg (see --help)" >&2; exit 2 ;;
     *) OUT_ARG=$arg ;;
   esac
@@ -45,4 +46,4 @@ if [ ${#DRY[@]} -eq 0 ]; then
 fi
 echo "[gpu_check.sh] install steps took ${SECONDS} s"
 LEFT=$((TOTAL - SECONDS))
-timeout --kill-after=20 $((LEFT + 30)) "$PY" -m bench.gpu_check --out "$OUT" --budget-s "$LEFT" "${DRY[@]}"
+exec timeout --kill-after=20 $((LEFT + 30)) "$PY" -m bench.gpu_check --out "$OUT" --budget-s "$LEFT" "${DRY[@]}"

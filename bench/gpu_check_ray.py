@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,7 @@ class RayHead:
 
         _kill_groups(self.pgids)
         (self.work / "ray_pgids.json").unlink(missing_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # Ray's session files; the job logs are kept in `work`
 
     def submit(self, sid: str, args: list[str]) -> None:
         """`ray job submit --no-wait --submission-id SID -- python launch/imagenet.py ARGS`."""
