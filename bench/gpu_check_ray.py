@@ -98,6 +98,8 @@ class RayHead:
                        cwd=ROOT, env=self.env, check=True, capture_output=True, timeout=120)
 
     def wait(self, sid: str, timeout: float, until=None):
+        """Poll until the job ends or `until()` holds; a job still running at the timeout is stopped (it
+        would hold the node's resources against the next one)."""
         from ray.job_submission import JobSubmissionClient
 
         client, end = JobSubmissionClient(self.dashboard), time.monotonic() + timeout
@@ -106,7 +108,8 @@ class RayHead:
             if status.is_terminal() or (until is not None and until()):
                 return status
             time.sleep(0.5)
-        raise TimeoutError(f"job {sid} still {status} after {timeout:.0f} s")
+        client.stop_job(sid)
+        raise TimeoutError(f"job {sid} still {status} after {timeout:.0f} s; stopped it")
 
     def logs(self, sid: str) -> str:
         from ray.job_submission import JobSubmissionClient
@@ -165,18 +168,21 @@ def run_precision(head: RayHead, data: Path, storage: Path, p: dict, precision: 
         name = f"{precision}-{kind}"
         sid = f"gpucheck-{name}-{time.monotonic_ns()}"
         t0 = time.monotonic()
+        deadline = t0 + timeout
         head.submit(sid, [*common, "--run-name", name, "--set", *overrides])
         print(f"[ray] {name}: submitted {sid}", flush=True)
         if kind == "killed":
             first = storage / name / f"checkpoints/step_{p['every']:08d}"
-            status = head.wait(sid, timeout - (time.monotonic() - t0), until=first.exists)
+            status = head.wait(sid, deadline - time.monotonic(), until=first.exists)
             alive = [w for w in head.train_workers(sid) if w.state == "ALIVE"]
             if status.is_terminal() or not alive:
                 raise RuntimeError(f"{name}: job {status} before its first checkpoint could be interrupted:\n"
                                    f"{head.logs(sid)[-2000:]}")
             os.kill(max(w.pid for w in alive), signal.SIGKILL)
             print(f"[ray] {name}: SIGKILLed the training worker after {first.name}", flush=True)
-        status = head.wait(sid, timeout - (time.monotonic() - t0))
+            # The restarted worker group starts up again like a new job: the killed run gets a second timeout.
+            deadline = time.monotonic() + timeout
+        status = head.wait(sid, deadline - time.monotonic())
         logs = head.logs(sid)
         (head.work / f"job-{name}.log").write_text(logs)
         if status != JobStatus.SUCCEEDED or not (storage / name / final).is_dir():
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", required=True, help="data, Ray logs and run storage")
     ap.add_argument("--json", required=True)
     ap.add_argument("--cpu-dry-run", action="store_true")
-    ap.add_argument("--job-timeout", type=float, default=150, help="seconds per job")
+    ap.add_argument("--job-timeout", type=float, default=150, help="seconds per job start (the killed run "
+                    "starts twice)")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stage timeout still stops the cluster
     work = Path(a.work).resolve()
