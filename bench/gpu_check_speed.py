@@ -34,11 +34,13 @@ from bench.plan import GiB, _peak, _settle, calibrate, measure, parse_setting, s
 # model, activation checkpointing setting (bench.plan's notation), batch
 GPU_ROWS = [("ms_resnet18", "none", 64), ("ms_resnet18", "1", 64), ("ms_resnet104", "none", 32),
             ("ms_resnet104", "1", 32)]
-GPU = dict(res=224, T=6, steps=5, warmup=2, calib_res=64, reserve_gib=2.0, lif_batch=64)
+# grow, tol: the largest-batch search's steps (bench.plan.search_largest); the dry run's are coarse, as its
+# MS-ResNet-104 steps are slow on a CPU.
+GPU = dict(res=224, T=6, steps=5, warmup=2, calib_res=64, reserve_gib=2.0, lif_batch=64, grow=1.25, tol=0.03)
 CPU_ROWS = [("ms_resnet18", "none", 2), ("ms_resnet18", "1", 2), ("ms_resnet104", "none", 2),
             ("ms_resnet104", "1", 2)]
 # 32 px is the least MS-ResNet-104's stem and strides take, so the dry run calibrates at the rows' size.
-CPU = dict(res=32, T=2, steps=1, warmup=1, calib_res=32, lif_batch=2)
+CPU = dict(res=32, T=2, steps=1, warmup=1, calib_res=32, lif_batch=2, grow=2.0, tol=0.5)
 
 
 def engine_row(name: str, setting: str, batch: int, p: dict, device: torch.device) -> dict:
@@ -92,7 +94,7 @@ def largest_batch(name: str, setting: str, fit, p: dict, device: torch.device, c
 
     predicted = fit.max_batch(p["res"], cap_gib * GiB)
     row = {"model": name, "setting": setting, "res": p["res"], "T": p["T"], "cap_gib": cap_gib,
-           "predicted": predicted, "tolerance": 0.03, "probes": []}
+           "predicted": predicted, "tolerance": p["tol"], "probes": []}
     if device.type == "cuda":
         fits, cap = gpu_fits(name, p["T"], setting, p["res"], device), memory_cap(cap_gib, device)
     else:
@@ -110,7 +112,7 @@ def largest_batch(name: str, setting: str, fit, p: dict, device: torch.device, c
     t0 = time.monotonic()
     try:
         with cap:
-            row["measured"] = search_largest(probe, start=max(predicted, 1), grow=1.25, tol=0.03)
+            row["measured"] = search_largest(probe, start=max(predicted, 1), grow=p["grow"], tol=p["tol"])
     except TimeoutError as e:
         ok = [b for b, f in row["probes"] if f]
         bad = [b for b, f in row["probes"] if not f]
