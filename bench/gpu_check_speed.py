@@ -99,8 +99,8 @@ def largest_batch(name: str, setting: str, fit, p: dict, device: torch.device, c
         fits, cap = gpu_fits(name, p["T"], setting, p["res"], device), memory_cap(cap_gib, device)
     else:
         def fits(b: int) -> bool:
-            s = measure(name, p["T"], setting, b, p["res"], device, steps=0)
-            return s.base_bytes + s.peak_bytes <= cap_gib * GiB
+            # What is held is the calibration's: this process's resident set has grown since (the engine rows).
+            return fit.held + measure(name, p["T"], setting, b, p["res"], device, steps=0).peak_bytes <= cap_gib * GiB
         cap = nullcontext()
 
     def probe(b: int) -> bool:
