@@ -1,19 +1,20 @@
-"""The GPU check of issues 5 and 9, through the trainer's engine step (not a CPU test; never run by CI).
+"""The prepared GPU check (issues 5, 9 and 11): run by bench/gpu_check.sh, which first installs what a bare GPU
+box lacks; one H200-class GPU, 8 minutes in all. Never run by CI.
 
-    python -m bench.gpu_check [--steps 10] [--json out.json]
-    python -m bench.gpu_check --dry-run     # the LIF checks on CPU at a small shape (no GPU needed)
+    python -m bench.gpu_check --out DIR [--budget-s 460] [--cpu-dry-run] [--work DIR]
 
-LIF op (issue 9), first: torch.ops.deepspike.lif on CUDA (the Triton kernels) against the PyTorch reference
-on the same GPU input, bit for bit, for fp32/bf16/fp16/fp64 and odd shapes; then forward + backward ms on the
-first LIF input of MS-ResNet-18 at 224 px, T=6, batch 64, against the reference and SpikingJelly's LIFNode
-(its fused kernels lack a rectangular surrogate, see bench.lif).
-
-Rows: MS-ResNet-18 at 224 px, T=6, batch 64 (and 128 for the images/s goal), bf16 and fp16, without and
-with activation checkpointing (every block); MS-ResNet-104 at 224 px, T=6, batch 32, bf16, with its
-recipe's checkpointing. Each row builds the recipe's config, the DeepSpeed engine via `trainer.wrap`
-(SyncBN skipped at world size 1, checkpointing, DeepSpeed fp16 loss scaling) and runs the trainer's step
-(autocast forward, loss, engine.backward, engine.step) on in-memory batches, so the figures are the model's
-and the engine's, not a JPEG decoder's. Prints images/s and peak GPU memory.
+Stages, in order, each a subprocess with its own timeout, cut to what the whole budget has left; a stage
+that fails or runs out of time is recorded in DIR/gpu_check.json (rewritten after every stage) and the
+next one runs:
+  tests  (a) pytest tests/test_models_reference.py tests/test_lif_op.py: their `device` variants run on
+         CUDA where there is a GPU (the Triton LIF kernel, CUDA convs); pass/fail/skip counts, CUDA cases
+  ray    (b) bench.gpu_check_ray: `ray job submit -- python launch/imagenet.py --nodes 1 --gpus-per-node 1`
+         on synthetic ImageNet shards, bf16 then fp16, killed and resumed once, weights against an
+         uninterrupted run
+  speed  (c, d) bench.gpu_check_speed: MS-ResNet-18/104 at 224 px, T=6, images/s and memory with and
+         without activation checkpointing, the largest 104 batch, bench.plan's prediction beside each
+--cpu-dry-run runs the same sequence at toy sizes on the CPU (tests/test_gpu_check.py): DeepSpeed has no
+fp16 there, so the fp16 stage runs in fp32 and the JSON says "fp16": "substituted on CPU".
 """
 
 from __future__ import annotations
@@ -21,146 +22,190 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+import xml.etree.ElementTree as ET
+from importlib import metadata
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-ROWS = [  # recipe, precision, activation checkpointing (every k-th block; 0 = off), batch
-    ("ms_resnet18_imagenet", "bf16", 0, 64), ("ms_resnet18_imagenet", "bf16", 0, 128),
-    ("ms_resnet18_imagenet", "bf16", 1, 64),
-    ("ms_resnet18_imagenet", "fp16", 0, 64), ("ms_resnet18_imagenet", "fp16", 1, 64),
-    ("ms_resnet104_imagenet", "bf16", 1, 32),
-]
-
-
-def run_row(recipe: str, precision: str, every: int, batch: int, steps: int) -> dict:
-    from models import create_model
-    from trainer.batch_plan import batch_plan
-    from trainer.config import apply_overrides
-    from trainer.deepspeed_config import deepspeed_config
-    from trainer.precision import autocast, model_input, weights_dtype
-    from trainer.recipes import get_recipe
-    from trainer.wrap import wrap
-
-    cfg = get_recipe(recipe)
-    apply_overrides(cfg, [f"engine.precision={precision}", f"engine.activation_checkpointing={every}",
-                          f"data.batch_size={batch}", f"optim.global_batch={batch}"])
-    device = torch.device("cuda")
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T, **cfg.model.kwargs)
-    plan = batch_plan(cfg.optim, cfg.data.batch_size, 1)
-    engine = wrap(model, cfg, deepspeed_config(cfg, plan, True), plan, steps + 3, steps + 3, on_gpu=True)
-    x = torch.randn(batch, 3, 224, 224, device=device)
-    y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
-    torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        with autocast(device, precision):
-            logits = engine(model_input(x, device, weights_dtype(engine.module), time_first=False))
-        loss = F.cross_entropy(logits.float(), y)
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return {"model": cfg.model.name, "precision": precision, "ckpt_every": every, "batch": batch,
-            "T": cfg.model.T, "images_per_s": batch * steps / dt,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss)}
+ROOT = Path(__file__).resolve().parents[1]
+TEST_FILES = ["tests/test_models_reference.py", "tests/test_lif_op.py"]
+# The dry run leaves out the four tests that only re-check CPU-side machinery (interpreter, compile, opcheck,
+# the missing-op message): they take most of the files' CPU time and the GPU run has them all.
+DRY_RUN_TESTS = "not triton and not traces and not opcheck and not missing_compiled"
+# name: (timeout on the GPU box, timeout in the CPU dry run), seconds; with ~25 s of install steps they fill
+# the 8 minutes. GPU guesses (no GPU has run them yet): tests < 1 min; ray 4 jobs of ~40-60 s, mostly
+# start-up; speed: the rows ~1 min, then the largest-batch searches take what is left (they stop in time).
+STAGES = {"tests": (80, 60), "ray": (230, 150), "speed": (140, 80)}
+PACKAGES = ("torch", "deepspeed", "ray", "webdataset", "wids", "mlflow", "pytest", "spikingjelly", "triton")
+FP16_ON_CPU = "substituted on CPU: DeepSpeed's CPU accelerator has no fp16; that stage ran in fp32"
 
 
-IMAGES_PER_S_GOAL = 1000  # MS-ResNet-18, 224 px, T=6, bf16, one H200
-EXACT_SHAPES = [(1, 7), (2, 3, 5), (6, 2, 3, 5, 7), (6, 4, 1031), (6, 64, 64, 56, 56)]
+def environment(dry_run: bool) -> dict:
+    import torch
 
-
-def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
-
-
-def lif_exactness(device: torch.device, shapes) -> list[dict]:
-    """The op on `device` against the reference on the same input: spikes, code and input gradient."""
-    from models.neuron import lif_sequence_reference
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for shape in shapes:
-            g = torch.Generator().manual_seed(0)
-            x = (torch.randn(shape, generator=g) * 0.6 + 0.3).to(device, dtype)
-            grad = torch.randn(shape, generator=g).to(device, dtype)
-            ok = True
-            for constants in ((0.25, 0.5, 0.5), (0.3, 0.45, 0.35)):
-                xo, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-                spikes, code = torch.ops.deepspike.lif(xo, *constants)
-                spikes.backward(grad)
-                ref = lif_sequence_reference(xr, *constants)
-                ok &= _bitwise_equal(spikes, ref) and torch.equal(code, ref.grad_fn.saved_tensors[0])
-                ref.backward(grad)
-                ok &= _bitwise_equal(xo.grad, xr.grad)
-            rows.append({"dtype": str(dtype), "shape": list(shape), "exact": bool(ok)})
-    return rows
-
-
-def lif_section(device: torch.device, shape) -> dict:
-    from bench import lif
-    exact = lif_exactness(device, EXACT_SHAPES[:-1] + [shape])
-    bad = [r for r in exact if not r["exact"]]
-    print(f"LIF op on {device} vs reference, bit for bit: {len(exact) - len(bad)}/{len(exact)} exact"
-          + "".join(f"\n  MISMATCH {r['dtype']} {r['shape']}" for r in bad), flush=True)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        timings[str(dtype)] = lif.time_lif(shape, dtype, device)
-        print("\n".join(lif.report(shape, dtype, timings[str(dtype)])), flush=True)
-    try:
-        from spikingjelly.activation_based.functional import neuron_implementation
-        print(f"   SpikingJelly's LIF implementation on {device}: {neuron_implementation('lif', device)}")
-    except (ImportError, ValueError, RuntimeError) as e:
-        print(f"   SpikingJelly's LIF implementation on {device}: unknown ({e})")
-    return {"exact": exact, "timings_ms": timings}
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--json")
-    p.add_argument("--dry-run", action="store_true", help="the LIF checks on CPU at a small shape, then stop")
-    args = p.parse_args()
-    if args.dry_run:
-        lif_section(torch.device("cpu"), (6, 2, 16, 14, 14))
-        return
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_check needs a CUDA GPU")
-    from bench.lif import first_lif_input_shape
-    lif = lif_section(torch.device("cuda"), first_lif_input_shape("ms_resnet18", 1000, 6, 64, 224))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  deepspeed {deepspeed.__version__}")
-    print(f"{'model':<14}{'prec':<6}{'ckpt':>5}{'batch':>6}{'img/s':>10}{'peak GiB':>10}")
-    rows = []
-    for r in ROWS:
-        head = f"{r[0].removesuffix('_imagenet'):<14}{r[1]:<6}{r[2]:>5}{r[3]:>6}"
+    env = {"python": platform.python_version(), "mode": "cpu-dry-run" if dry_run else "gpu",
+           "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    for name in PACKAGES:  # without importing: a missing one explains a failing stage, it does not stop them
         try:
-            row = run_row(*r, steps=args.steps)
-            print(f"{head}{row['images_per_s']:>10.1f}{row['peak_gib']:>10.2f}", flush=True)
-        except torch.OutOfMemoryError as e:
-            row = {"recipe": r[0], "precision": r[1], "ckpt_every": r[2], "batch": r[3], "error": str(e)[:99]}
-            print(f"{head}  OOM")
-        torch.cuda.empty_cache()
-        rows.append(row)
-    best = max((r["images_per_s"] for r in rows if r.get("model") == "ms_resnet18" and r["precision"] == "bf16"
-                and "images_per_s" in r), default=0.0)
-    print(f"goal: MS-ResNet-18 224 px T=6 bf16 >= {IMAGES_PER_S_GOAL} img/s: best {best:.0f} "
-          f"{'PASS' if best >= IMAGES_PER_S_GOAL else 'MISS'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"lif": lif, "rows": rows}, f, indent=2)
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = "missing"
+    return env
+
+
+def run_stage(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[str, int | None, str]:
+    """(status, return code, last output) of `cmd` in its own process group, its output streamed to ours.
+    Past `timeout` the group gets SIGTERM (a stage cleans up on it) and, 30 s later, SIGKILL."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+    tail: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line)
+            del tail[:-60]
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    status = "ok"
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    if status == "ok" and proc.returncode != 0:
+        status = "failed"
+    return status, proc.returncode, "".join(tail)[-4000:]
+
+
+def junit_counts(xml_path: Path) -> dict:
+    suite = ET.parse(xml_path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    cuda = [c for c in suite.iter("testcase") if "cuda" in c.get("name", "")]
+    ran = [c for c in cuda if c.find("skipped") is None]
+    counts["cuda_cases"] = len(cuda)
+    counts["cuda_cases_run"] = len(ran)
+    counts["cuda_cases_passed"] = sum(c.find("failure") is None and c.find("error") is None for c in ran)
+    counts["failed_cases"] = [c.get("name") for c in suite.iter("testcase")
+                              if c.find("failure") is not None or c.find("error") is not None][:20]
+    return counts
+
+
+def commands(work: Path, dry_run: bool, timeouts: dict[str, float]) -> dict[str, tuple[list[str], Path]]:
+    py, dry = sys.executable, ["--cpu-dry-run"] if dry_run else []
+    xml = work / "tests.xml"
+    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES, f"--junitxml={xml}", "-rfEs"]
+    if dry_run:
+        tests += ["-k", DRY_RUN_TESTS]
+    # Each job may use the stage's time less what data and the cluster start take, split over 4 jobs.
+    job_timeout = max(30.0, (timeouts["ray"] - 20) / 4 * 1.5)
+    return {"tests": (tests, xml),
+            "ray": ([py, "-m", "bench.gpu_check_ray", "--work", str(work / "ray"), "--json",
+                     str(work / "ray.json"), "--job-timeout", f"{job_timeout:.0f}", *dry], work / "ray.json"),
+            "speed": ([py, "-m", "bench.gpu_check_speed", "--json", str(work / "speed.json"),
+                       "--budget-s", f"{timeouts['speed']:.0f}", *dry], work / "speed.json")}
+
+
+def after_ray(work: Path, out: Path) -> None:
+    """Stop a Ray head the stage could not stop itself (killed past its timeout), keep the job logs."""
+    from cluster.local import _kill_groups
+
+    pgids = work / "ray/ray_pgids.json"
+    if pgids.is_file():
+        _kill_groups(json.loads(pgids.read_text()))
+        print("[gpu_check] stopped the ray stage's Ray head left behind", flush=True)
+    (out / "ray_logs").mkdir(exist_ok=True)
+    for log in (work / "ray").glob("*.log"):
+        shutil.copy(log, out / "ray_logs" / log.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="gpu_check.json and the Ray job logs go here")
+    ap.add_argument("--work", help="data, checkpoints, Ray job logs (default: a new folder under /tmp, removed "
+                    "when every stage is ok)")
+    ap.add_argument("--budget-s", type=float, help="all stages together (default: the sum of their timeouts; "
+                    "more stretches each timeout in proportion)")
+    ap.add_argument("--cpu-dry-run", action="store_true")
+    ap.add_argument("--stages", default=",".join(STAGES), help="a subset, in this order")
+    a = ap.parse_args(argv)
+    if unknown := set(a.stages.split(",")) - set(STAGES):
+        ap.error(f"unknown stage(s) {', '.join(sorted(unknown))}; the stages are {', '.join(STAGES)}")
+    t0 = time.monotonic()
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work or tempfile.mkdtemp(prefix="deepspike-gpu-check-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    col = 1 if a.cpu_dry_run else 0
+    planned = sum(t[col] for t in STAGES.values())
+    budget = a.budget_s or planned
+    result = {"mode": "cpu-dry-run" if a.cpu_dry_run else "gpu", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+              time.gmtime()), "budget_s": budget, "work": str(work), "env": environment(a.cpu_dry_run),
+              "stages": {}}
+    if a.cpu_dry_run:
+        result["fp16"] = FP16_ON_CPU
+    json_path = out / "gpu_check.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if a.cpu_dry_run:
+        env["DS_ACCELERATOR"] = "cpu"
+    # A larger budget (a loaded machine) stretches every stage's timeout alike.
+    timeouts = {name: t[col] * max(1.0, budget / planned) for name, t in STAGES.items()}
+    cmds = commands(work, a.cpu_dry_run, timeouts)
+    for name in a.stages.split(","):
+        left = budget - (time.monotonic() - t0)
+        timeout = min(timeouts[name], left)
+        if timeout < 10:
+            result["stages"][name] = {"status": "skipped", "error": f"{left:.0f} s of the budget left"}
+            print(f"[gpu_check] == {name}: SKIPPED ({left:.0f} s of the budget left)", flush=True)
+            continue
+        cmd, part = cmds[name]
+        print(f"[gpu_check] == {name}: start, timeout {timeout:.0f} s: {' '.join(cmd)}", flush=True)
+        t_stage = time.monotonic()
+        part.unlink(missing_ok=True)
+        status, rc, tail = run_stage(cmd, timeout, env)
+        stage = {"status": status, "returncode": rc, "seconds": round(time.monotonic() - t_stage, 1)}
+        if name == "ray":
+            after_ray(work, out)
+        try:
+            if part.is_file():  # a stage that timed out or failed may still have written part of its results
+                stage["result"] = junit_counts(part) if name == "tests" else json.loads(part.read_text())
+        except (ET.ParseError, json.JSONDecodeError) as e:
+            stage["result_error"] = f"{part}: {e}"
+        if status != "ok":
+            stage["error"] = tail
+        result["stages"][name] = stage
+        result["total_seconds"] = round(time.monotonic() - t0, 1)
+        json_path.write_text(json.dumps(result, indent=1))
+        print(f"[gpu_check] == {name}: {status.upper()} in {stage['seconds']} s", flush=True)
+    result["total_seconds"] = round(time.monotonic() - t0, 1)
+    json_path.write_text(json.dumps(result, indent=1))
+    failed = [n for n, s in result["stages"].items() if s["status"] != "ok"]
+    if not a.work and not failed:
+        shutil.rmtree(work, ignore_errors=True)  # data and checkpoints; kept when a stage needs looking into
+    print(f"[gpu_check] done in {result['total_seconds']} s; {json_path}; "
+          + (f"not ok: {', '.join(failed)}; its data and checkpoints are in {work}" if failed else "every stage ok"),
+          flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

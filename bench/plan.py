@@ -27,8 +27,8 @@ import ctypes
 import gc
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -169,35 +169,59 @@ class Fit:
 
 
 def calibrate(name: str, T: int, setting: str, calib_res: int, device: torch.device) -> Fit:
-    s1, s2 = (measure(name, T, setting, b, calib_res, device) for b in (1, 2))
+    s1, s2 = (measure(name, T, setting, b, calib_res, device, steps=0) for b in (1, 2))  # memory only
     return Fit(setting, held=s1.base_bytes, step_fixed=2 * s1.peak_bytes - s2.peak_bytes,
                per_image=s2.peak_bytes - s1.peak_bytes, calib_res=calib_res)
 
 
-def largest_fitting_batch(name: str, T: int, setting: str, res: int, cap_gib: float,
-                          device: torch.device) -> int:
-    """Largest batch whose step runs with the allocator capped at cap_gib (GPU only)."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), device)
+def search_largest(fits: Callable[[int], bool], start: int = 1, grow: float = 2.0, tol: float = 0.0) -> int:
+    """Largest batch b >= 0 with fits(b), fits being monotone: grow from `start` by `grow` (or shrink) until
+    the answer is bracketed, then bisect until the bracket is within `tol` (a fraction) of the answer."""
+    lo, hi = 0, start
+    if fits(start):
+        lo, hi = start, max(start + 1, int(start * grow))
+        while fits(hi):
+            lo, hi = hi, max(hi + 1, int(hi * grow))
+    else:
+        lo = int(start / grow)
+        while lo > 0 and not fits(lo):
+            lo, hi = int(lo / grow), lo
+    while hi - lo > max(1.0, tol * lo):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
+
+def gpu_fits(name: str, T: int, setting: str, res: int, device: torch.device) -> Callable[[int], bool]:
+    """fits(batch): whether a fresh model's training step at that batch runs without a CUDA OOM."""
     def fits(b: int) -> bool:
         try:
-            measure(name, T, setting, b, res, device)
+            measure(name, T, setting, b, res, device, steps=0)
             return True
         except torch.OutOfMemoryError:
             return False
         finally:
             gc.collect()
             torch.cuda.empty_cache()
+    return fits
 
-    lo, hi = 0, 1
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return lo
+
+@contextmanager
+def memory_cap(cap_gib: float, device: torch.device) -> Iterator[None]:
+    """The caching allocator limited to cap_gib on the GPU, as if it had only that much memory."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def largest_fitting_batch(name: str, T: int, setting: str, res: int, cap_gib: float,
+                          device: torch.device) -> int:
+    """Largest batch whose step runs with the allocator capped at cap_gib (GPU only)."""
+    with memory_cap(cap_gib, device):
+        return search_largest(gpu_fits(name, T, setting, res, device))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -272,7 +272,7 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
         check_batch(cfg, args.nodes * max(args.gpus_per_node, 1))
     ray.init(runtime_env=_runtime_env())
     scaling = plan_workers(args, cfg, ray.nodes())
-    plan = check_batch(cfg, scaling.num_workers, on_gpu=scaling.use_gpu)
+    plan = check_batch(cfg, scaling.max_workers, on_gpu=scaling.use_gpu)
     print(f"[launch] plan {json.dumps(plan.to_dict())}", flush=True)
     if args.no_resume and (aside := set_aside(Path(cfg.run_dir))):
         print(f"[launch] --no-resume: moved the earlier run to {aside}", flush=True)

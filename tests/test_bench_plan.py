@@ -1,6 +1,8 @@
 """The per-GPU batch planner's arithmetic (its measurements need a GPU: bench/gpu_check.sh)."""
 
-from bench.plan import Fit, GiB, parse_setting
+import pytest
+
+from bench.plan import Fit, GiB, parse_setting, search_largest
 
 
 def test_planner_settings_and_batch_arithmetic():
@@ -9,3 +11,20 @@ def test_planner_settings_and_batch_arithmetic():
     assert fit.peak(2, 128) == (1 + 0.5 + 2 * 0.4) * GiB  # activations scale with the pixel count
     assert fit.max_batch(128, 10 * GiB) == 21  # (10 - 1.5) / 0.4
     assert fit.max_batch(128, 1 * GiB) == 0
+
+
+@pytest.mark.parametrize("answer", [0, 1, 7, 64, 100, 333])
+@pytest.mark.parametrize("start", [1, 50, 400])
+def test_largest_batch_search_finds_the_boundary_from_any_start(answer, start):
+    probes = []
+
+    def fits(b):
+        probes.append(b)
+        return b <= answer
+
+    assert search_largest(fits, start, grow=1.25) == answer  # tol=0: exact
+    assert search_largest(fits, start, grow=2.0) == answer
+    probes.clear()
+    near = search_largest(fits, start, grow=1.25, tol=0.05)
+    assert near <= answer and answer - near <= max(1, 0.05 * near)
+    assert all(b >= 0 for b in probes)

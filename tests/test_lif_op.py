@@ -1,7 +1,8 @@
 """torch.ops.deepspike.lif against the PyTorch reference (models.neuron.lif_sequence_reference), bit for bit.
 
 The C++ CPU kernel runs in-process; the Triton (CUDA) kernel runs on CPU tensors under the Triton interpreter,
-in a subprocess because TRITON_INTERPRET must be set before triton is imported.
+in a subprocess because TRITON_INTERPRET must be set before triton is imported, and, where there is a GPU
+(bench/gpu_check.sh), compiled on CUDA tensors in the tests taking `device`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _inputs(shape, dtype, seed=0, contiguous=True):
-    g = torch.Generator().manual_seed(seed)
+def _inputs(shape, dtype, seed=0, contiguous=True, device="cpu"):
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on every device
     wide = (*shape[:-1], 2 * shape[-1])  # non-contiguous: every other element of a wider tensor
-    x = (torch.randn(wide, dtype=torch.float64, generator=g) * 0.6 + 0.3).to(dtype)
-    grad = torch.randn(wide, dtype=torch.float64, generator=g).to(dtype)
+    x = (torch.randn(wide, dtype=torch.float64, generator=g) * 0.6 + 0.3).to(device, dtype)
+    grad = torch.randn(wide, dtype=torch.float64, generator=g).to(device, dtype)
     return (x[..., ::2], grad[..., ::2]) if not contiguous else (x[..., ::2].contiguous(), grad[..., ::2].contiguous())
 
 
@@ -46,9 +47,9 @@ def _run(fn, x, grad, constants):
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_op_equals_reference_bit_for_bit(dtype, shape, contiguous, one_thread):
+def test_op_equals_reference_bit_for_bit(dtype, shape, contiguous, device, one_thread):
     """Spikes, code and input gradients; low-precision inputs against the reference on the same input."""
-    x, grad = _inputs(shape, dtype, contiguous=contiguous)
+    x, grad = _inputs(shape, dtype, contiguous=contiguous, device=device)
     assert x.is_contiguous() == contiguous
     for constants in CONSTANTS:
         spikes, gx = _run(lif_sequence, x, grad, constants)
@@ -64,19 +65,19 @@ def test_op_equals_reference_bit_for_bit(dtype, shape, contiguous, one_thread):
         assert (ref_code == 3).any() and (ref_code == 2).any() and (ref_code == 0).any()
 
 
-def test_gradient_of_a_silent_last_step_keeps_the_sign_of_zero(one_thread):
+def test_gradient_of_a_silent_last_step_keeps_the_sign_of_zero(device, one_thread):
     """The last step adds no carry: a -0 gradient stays -0, as in the reference (an added +0 would flip it)."""
-    x = torch.tensor([[0.7], [0.6]])  # u = 0.7, 0.6: both inside the window
-    grad = torch.tensor([[1.0], [-0.0]])
+    x = torch.tensor([[0.7], [0.6]], device=device)  # u = 0.7, 0.6: both inside the window
+    grad = torch.tensor([[1.0], [-0.0]], device=device)
     gx = _run(lif_sequence, x, grad, CONSTANTS[0])[1]
     assert torch.equal(_bits(gx), _bits(_run(lif_sequence_reference, x, grad, CONSTANTS[0])[1]))
     assert str(gx[1, 0].item()) == "-0.0"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(dtype, one_thread):
+def test_opcheck(dtype, device, one_thread):
     """Schema, fake (meta) kernels, autograd registration and dispatch, as torch.library checks them."""
-    x, grad = _inputs((3, 2, 5), dtype)
+    x, grad = _inputs((3, 2, 5), dtype, device=device)
     torch.library.opcheck(torch.ops.deepspike.lif.default, (x.requires_grad_(True), 0.25, 0.5, 0.5))
     code = torch.ops.deepspike.lif(x, 0.25, 0.5, 0.5)[1]
     torch.library.opcheck(torch.ops.deepspike.lif_backward.default, (grad, code, 0.25, 0.5))
@@ -148,10 +149,10 @@ def test_missing_compiled_op_says_how_to_build_it():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_double_backward_equals_reference(dtype, one_thread):
+def test_double_backward_equals_reference(dtype, device, one_thread):
     """J J^T v through a double backward, as analysis.gradnorm computes it."""
-    x, v = _inputs((6, 3, 41), dtype)
-    u = _inputs((6, 3, 41), dtype, seed=1)[1]
+    x, v = _inputs((6, 3, 41), dtype, device=device)
+    u = _inputs((6, 3, 41), dtype, seed=1, device=device)[1]
     results = []
     for fn in (lif_sequence, lif_sequence_reference):
         xr = x.clone().requires_grad_(True)

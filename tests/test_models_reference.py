@@ -107,12 +107,12 @@ def _randomise(model: SpikingResNet, seed: int) -> None:
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
 
 
-def _compare(model: SpikingResNet, x: torch.Tensor, dtype=torch.float32, tol=1e-5):
-    model = model.to(dtype).train()
+def _compare(model: SpikingResNet, x: torch.Tensor, dtype=torch.float32, tol=1e-5, device="cpu"):
+    model = model.to(device, dtype).train()
     model.zero_grad(set_to_none=True)
-    x = x.to(dtype).requires_grad_(True)
+    x = x.to(device, dtype).requires_grad_(True)
     out = model(x)
-    weights = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(device)
     (out * weights).sum().backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     gx = x.grad.clone()
@@ -137,27 +137,27 @@ SMALL = {  # every stem / shortcut / family combination, kept tiny
 
 @pytest.mark.parametrize("family", ["ms", "spiking", "sew"])
 @pytest.mark.parametrize("layout", sorted(SMALL))
-def test_matches_per_timestep_reference_fp32(family, layout):
+def test_matches_per_timestep_reference_fp32(family, layout, device):
     torch.manual_seed(0)
     model = SpikingResNet(family, num_classes=5, T=3, **SMALL[layout])
     _randomise(model, 0)
     size = 16 if layout == "cifar" else 32
-    out = _compare(model, torch.randn(2, 3, size, size) * 2)  # static image, repeated over T
+    out = _compare(model, torch.randn(2, 3, size, size) * 2, device=device)  # static image, repeated over T
     assert out.abs().sum() > 0
-    _compare(model, torch.randn(3, 2, 3, size, size) * 2)  # a genuine sequence
+    _compare(model, torch.randn(3, 2, 3, size, size) * 2, device=device)  # a genuine sequence
 
 
 @pytest.mark.parametrize("name", ["ms_resnet20", "spiking_resnet20", "sew_resnet20"])
-def test_registry_cifar_models_match_reference(name):
+def test_registry_cifar_models_match_reference(name, device):
     torch.manual_seed(0)
     model = create_model(name, T=2, widths=(4, 8, 8))
     _randomise(model, 1)
-    _compare(model, torch.randn(2, 3, 8, 8) * 2)
+    _compare(model, torch.randn(2, 3, 8, 8) * 2, device=device)
 
 
-def test_lif_matches_reference_in_float64_and_spikes_are_nontrivial():
+def test_lif_matches_reference_in_float64_and_spikes_are_nontrivial(device):
     torch.manual_seed(0)
-    x = (torch.randn(6, 500, dtype=torch.float64) * 0.6 + 0.3).requires_grad_(True)
+    x = (torch.randn(6, 500, dtype=torch.float64) * 0.6 + 0.3).to(device).requires_grad_(True)
     lif = type("L", (), dict(decay=0.25, v_th=0.5, lens=0.5))
     s = lif_sequence(x)
     g = torch.randn_like(s)
