@@ -147,3 +147,20 @@ def test_server_killed_and_restarted_mid_run(tmp_path, tmp_path_factory):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def _train_until_nan(rank: int, data: Path, run_dir: Path, uri: str) -> None:
+    from trainer.train import train
+
+    train(tiny_config(data, run_dir, "mlflow.enabled=true", f"mlflow.tracking_uri={uri}", "mlflow.experiment=f",
+                      "optim.max_steps=12", "log_every=2", "engine.nonfinite=stop", "engine.nan_at_batches=[5]",
+                      "mlflow.log_model=false", "mlflow.system_metrics=false"))
+
+
+def test_a_run_that_dies_is_marked_failed_not_left_running(tmp_path, tmp_path_factory):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(Exception, match="non-finite"):
+        spawn(_train_until_nan, 1, digits_shards(tmp_path_factory), tmp_path / "run", uri)
+    (run,) = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("f").experiment_id])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")] == [2, 4]

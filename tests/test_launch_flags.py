@@ -37,7 +37,7 @@ def test_the_flag_set_is_frozen():
     # A new flag needs a reason: everything else is a `--set key=value` override of the recipe.
     options = {o for a in build_parser("digits_tiny")._actions for o in a.option_strings}
     assert options == {"-h", "--help", "--nodes", "--gpus-per-node", "--recipe", "--data", "--run-name",
-                       "--storage", "--set", "--no-resume", "--dry-run"}
+                       "--storage", "--set", "--no-resume", "--dry-run", "--min-nodes"}
 
 
 def test_unknown_recipe_is_one_line_and_exit_2():
