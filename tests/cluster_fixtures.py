@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -15,9 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
+def digits_wds(out: Path) -> Path:
+    """The digits data set at 16 px as WebDataset shards, made with the real converter CLI."""
+    subprocess.run([sys.executable, "-m", "dataloaders.convert", "digits", "--out", str(out), "--format", "wds",
+                    "--size", "16", "--workers", "1"], cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def local_sh(cluster_dir: Path) -> list[str]:
+    return [str(ROOT / "cluster/local.sh"), "--dir", str(cluster_dir)]
+
+
 def local_cluster(cluster_dir: Path, *args: str, workers: int = 2):
     """`cluster/local.sh --dir DIR up WORKERS ARGS...`; yields its state.json; `down` afterwards."""
-    local = [str(ROOT / "cluster/local.sh"), "--dir", str(cluster_dir)]
+    local = local_sh(cluster_dir)
     subprocess.run([*local, "up", str(workers), *args], check=True, timeout=300)
     state = json.loads((cluster_dir / "state.json").read_text())
     try:

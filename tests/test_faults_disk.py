@@ -9,7 +9,6 @@ ends bit for bit where an uninterrupted one does.
 
 from __future__ import annotations
 
-import json
 import resource
 import signal
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_fixtures import digits_shards, spawn, tiny_config
+from trainer_fixtures import save_results, spawn_results, tiny_config
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.export import consolidated_state_dict
@@ -50,15 +49,12 @@ def _worker(rank: int, data: Path, out: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     results["left"] = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     results["resumed"] = train(tiny_config(data, run_dir, *BASE))
-    (out / f"results{rank}.json").write_text(json.dumps(results, default=str))
+    save_results(out, rank, results)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    data = digits_shards(tmp_path_factory)
-    out = tmp_path_factory.mktemp("disk_full")
-    spawn(_worker, 2, data, out)
-    return out, [json.loads((out / f"results{r}.json").read_text()) for r in range(2)]
+    return spawn_results(_worker, 2, tmp_path_factory, "disk_full")
 
 
 def test_full_disk_fails_the_save_on_every_rank_with_one_clear_error(runs):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_fixtures import digits_shards, spawn, tiny_config
+from trainer_fixtures import save_results, spawn_results, tiny_config
 
 from trainer.checkpoint import complete_checkpoints, read_meta
 from trainer.export import consolidated_state_dict
@@ -50,15 +50,12 @@ def _worker(rank: int, data: Path, out: Path) -> None:
     run("stop", *BASE, *POISON, "engine.nonfinite=stop")
     # The issue: lr 1e6 diverges; with keep_last=2 main saved non-finite weights and pruned the finite ones.
     run("huge_lr", "optim.lr=1000000.0", "checkpoint.every_steps=2", "engine.max_rollbacks=2")
-    (out / f"results{rank}.json").write_text(json.dumps(results, default=str))
+    save_results(out, rank, results)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    data = digits_shards(tmp_path_factory)
-    out = tmp_path_factory.mktemp("nan_runs")
-    spawn(_worker, 2, data, out)
-    return out, [json.loads((out / f"results{r}.json").read_text()) for r in range(2)]
+    return spawn_results(_worker, 2, tmp_path_factory, "nan_runs")
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -23,6 +23,7 @@ from ray.job_submission import JobStatus
 
 from cluster.local import LocalCluster, _alive, _kill_groups
 from launch.common import LaunchError, plan_workers, workers_that_fit
+from tests.cluster_fixtures import digits_wds, local_cluster, local_sh
 from trainer.recipes import get_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,20 +93,14 @@ def cluster(tmp_path_factory):
     from tests.test_launch_ray import Cluster
 
     base = tmp_path_factory.mktemp("node_loss")
-    data = base / "digits16"
-    subprocess.run([sys.executable, "-m", "dataloaders.convert", "digits", "--out", str(data), "--format",
-                    "wds", "--size", "16", "--workers", "1"], cwd=ROOT, check=True, capture_output=True)
-    local = [str(ROOT / "cluster/local.sh"), "--dir", str(base / "cluster")]
-    subprocess.run([*local, "up", "2", *CLUSTER_ARGS], check=True, timeout=300)
-    state = json.loads((base / "cluster/state.json").read_text())
-    c = Cluster(state, data, base / "storage")
-    try:
-        yield c, local
-    finally:
-        for job in c.client.list_jobs():  # kept beside the run for a failure's post-mortem
-            (base / f"{job.submission_id}.log").write_text(c.logs(job.submission_id))
-        subprocess.run([*local, "down"], check=True, timeout=120)
-        subprocess.run(["rm", "-rf", state["ray_tmp"]], check=False)  # Ray's session files and logs
+    data = digits_wds(base / "digits16")
+    with local_cluster(base / "cluster", *CLUSTER_ARGS) as state:
+        c = Cluster(state, data, base / "storage")
+        try:
+            yield c, local_sh(base / "cluster")
+        finally:
+            for job in c.client.list_jobs():  # kept beside the run for a failure's post-mortem
+                (base / f"{job.submission_id}.log").write_text(c.logs(job.submission_id))
 
 
 @pytest.mark.slow

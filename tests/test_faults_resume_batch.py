@@ -3,11 +3,10 @@ resume stops with a clear error (another optim.global_batch). Real DeepSpeed eng
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from trainer_fixtures import digits_shards, spawn, tiny_config
+from trainer_fixtures import save_results, spawn_results, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +40,12 @@ def _worker(rank: int, data: Path, out: Path) -> None:
         Trainer(tiny_config(data, out / "global64", *BASE, "optim.global_batch=64", f"checkpoint.resume={step_dir}"))
     except ValueError as e:
         results["global64"] = str(e)
-    (out / "results.json").write_text(json.dumps(results, default=str))
+    save_results(out, rank, results)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    data = digits_shards(tmp_path_factory)
-    out = tmp_path_factory.mktemp("resume_batch")
-    spawn(_worker, 1, data, out)
-    return json.loads((out / "results.json").read_text())
+    return spawn_results(_worker, 1, tmp_path_factory, "resume_batch")[1][0]
 
 
 @pytest.mark.parametrize("micro, accum", [(8, 4), (32, 1)])

@@ -7,13 +7,12 @@ file), exporting, evaluating and the analysis loader must all refuse it before a
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_fixtures import digits_shards, spawn, tiny_config
+from trainer_fixtures import save_results, spawn_results, tiny_config
 
 from trainer.export import consolidated_state_dict, export, load_exported
 from trainer.safe_load import UnsafeFileError, safe_load
@@ -54,15 +53,13 @@ def _worker(rank: int, data: Path, out: Path) -> None:
             results[name] = str(e)
     # The untouched checkpoint still resumes (weights-only loading reads everything we write).
     results["resumed"] = train(tiny_config(data, out / "good", "stop_at_step=4", "checkpoint.every_steps=2"))
-    (out / "results.json").write_text(json.dumps(results, default=str))
+    save_results(out, rank, results)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    data = digits_shards(tmp_path_factory)
-    out = tmp_path_factory.mktemp("unsafe_load")
-    spawn(_worker, 1, data, out)
-    return out, json.loads((out / "results.json").read_text())
+    out, (results,) = spawn_results(_worker, 1, tmp_path_factory, "unsafe_load")
+    return out, results
 
 
 @pytest.mark.parametrize("name, file", [("rank_state", "trainer_rank00000.pt"),

@@ -25,7 +25,7 @@ from ray.util.state import StateApiClient
 from ray.util.state.common import ListApiOptions, StateResource
 
 from cluster.local import _kill_groups, auth_headers, client_env
-from tests.cluster_fixtures import local_cluster
+from tests.cluster_fixtures import digits_wds, local_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -82,9 +82,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("launch_ray")
-    data = base / "digits16"
-    subprocess.run([sys.executable, "-m", "dataloaders.convert", "digits", "--out", str(data), "--format",
-                    "wds", "--size", "16", "--workers", "1"], cwd=ROOT, check=True, capture_output=True)
+    data = digits_wds(base / "digits16")
     # A "demo" cluster on the default settings stays up beside this one, as after `make demo`: nothing of
     # either may clash (issue 12: the second cluster's dashboard agent could not bind its port).
     with local_cluster(base / "demo"), local_cluster(base / "cluster", "--host", "127.0.1.2") as state:

@@ -6,6 +6,7 @@ thread, like `OMP_NUM_THREADS=1 torchrun --nproc_per_node N`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -56,3 +57,17 @@ def spawn(fn, world: int, *args, env: dict[str, str] | None = None, join: bool =
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
     return mp.start_processes(_entry, args=(fn, world, free_port(), args, env), nprocs=world,
                               start_method="spawn", join=join)
+
+
+def save_results(out: Path, rank: int, results: dict) -> None:
+    """A spawned worker's findings, for the test process (see spawn_results)."""
+    (out / f"results{rank}.json").write_text(json.dumps(results, default=str))
+
+
+def spawn_results(fn, world: int, tmp_path_factory, name: str) -> tuple[Path, list[dict]]:
+    """Run fn(rank, digits shards, out) on `world` spawned ranks, each ending with save_results(out, rank,
+    ...): the expensive runs happen once per test module, the tests then read what each rank saw."""
+    data = digits_shards(tmp_path_factory)
+    out = tmp_path_factory.mktemp(name)
+    spawn(fn, world, data, out)
+    return out, [json.loads((out / f"results{r}.json").read_text()) for r in range(world)]
