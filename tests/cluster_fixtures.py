@@ -15,7 +15,6 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@contextlib.contextmanager
 def digits_wds(out: Path) -> Path:
     """The digits data set at 16 px as WebDataset shards, made with the real converter CLI."""
     subprocess.run([sys.executable, "-m", "dataloaders.convert", "digits", "--out", str(out), "--format", "wds",
@@ -27,6 +26,7 @@ def local_sh(cluster_dir: Path) -> list[str]:
     return [str(ROOT / "cluster/local.sh"), "--dir", str(cluster_dir)]
 
 
+@contextlib.contextmanager
 def local_cluster(cluster_dir: Path, *args: str, workers: int = 2):
     """`cluster/local.sh --dir DIR up WORKERS ARGS...`; yields its state.json; `down` afterwards."""
     local = local_sh(cluster_dir)
