@@ -26,6 +26,7 @@ from ray.util.state.common import ListApiOptions, StateResource
 
 from cluster.local import _kill_groups, auth_headers, client_env
 from tests.cluster_fixtures import digits_wds, local_cluster
+from trainer.checkpoint import find_resume_checkpoint, read_meta
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +194,7 @@ def test_stopped_run_resubmitted_with_its_name_resumes_on_fewer_nodes(cluster):
 
     # Same --run-name, half the nodes, and this time the code shipped with --working-dir; a short
     # continuation past the newest checkpoint is enough to see where it resumes and that it finishes.
-    newest = max(int(d.name.removeprefix("step_")) for d in saved.parent.glob("step_*"))
+    newest = read_meta(find_resume_checkpoint(saved.parent))["step"]
     end = newest + 30
     sid = cluster.submit("stopped", *TINY, f"optim.max_steps={end}", nodes=1, working_dir=True)
     assert cluster.wait(sid) == JobStatus.SUCCEEDED, cluster.logs(sid)[-3000:]
