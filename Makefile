@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.deepspike-installed
-# The compiled CPU kernels of torch.ops.deepspike.lif, built into the venv (module deepspike_ops, loaded by
-# models/lif_op.py); this stamp says which source it was built from.
-LIF_OP := $(VENV)/.deepspike-ops-built
-# chromium (+ a font) renders the MLflow UI in the browser test and the docs screenshots.
-APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev postgresql chromium fonts-dejavu-core
+# The compiled ops, built into the venv: the CPU kernels of torch.ops.deepspike.lif (module deepspike_ops,
+# loaded by models/lif_op.py) and the JPEG window decoder (deepspike_jpeg, dataloaders/decoders.py); this
+# stamp says which sources they were built from.
+OPS := $(VENV)/.deepspike-ops-built
+# libjpeg-dev: deepspike_jpeg's headers. chromium (+ a font) renders the MLflow UI in the browser test and the docs screenshots.
+APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev libjpeg-dev postgresql chromium fonts-dejavu-core
 export DS_ACCELERATOR ?= cpu
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
@@ -28,21 +29,21 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv, spikingjelly; print('stack ok', torch.__version__)"
 	touch $(STAMP)
 
-$(LIF_OP): models/csrc/lif_cpu.cpp models/csrc/build.py $(STAMP)
+$(OPS): models/csrc/lif_cpu.cpp dataloaders/csrc/jpeg_window.c models/csrc/build.py $(STAMP)
 	$(PY) models/csrc/build.py
-	touch $(LIF_OP)
+	touch $(OPS)
 
-test: $(STAMP) $(LIF_OP)
+test: $(STAMP) $(OPS)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP) $(LIF_OP)
+demo: $(STAMP) $(OPS)
 	$(PY) -m launch.demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-bench: $(STAMP) $(LIF_OP)
+bench: $(STAMP) $(OPS)
 	$(PY) -m bench.models
 
 clean-venv:

@@ -44,12 +44,18 @@ class DataConfig:
     """random access: node-local folder for shards fetched from URLs; default ~/.cache/deepspike/shards."""
     decoder: str = "simplejpeg"
     """wds JPEGs: 'simplejpeg', 'torchvision' (the old default), 'opencv', 'torchcodec' or 'pil'; all give
-    the same uint8 RGB pixels up to libjpeg rounding (dataloaders.decoders, measured by bench.loaders)."""
+    the same uint8 RGB pixels up to libjpeg rounding (dataloaders.decoders, measured by bench.loaders). With
+    data.window_decode the train crops of ImageNet and folder sets do not use it."""
+    window_decode: bool = True
+    """wds train, data sets whose FFCV decoder crops (ImageNet, folder), JPEG shards: draw the
+    RandomResizedCrop window first and decode only that window (libjpeg-turbo's partial decode,
+    deepspike_jpeg): bit-identical batches, less CPU (bench.loaders). No effect elsewhere; false decodes the
+    whole image with data.decoder first."""
     reduced_decode: bool = False
     """wds train, data sets whose FFCV decoder crops (ImageNet, folder): draw the RandomResizedCrop first and
     decode each JPEG at the largest power-of-two reduction that leaves the crop >= image_size px (libjpeg-
     turbo's scaled IDCT). The same crops and flips; other pixels where a reduction applies (only for crops of
-    >= 2 * image_size px; see decoders.ReducedResizedCrop), hence off by default."""
+    >= 2 * image_size px; see decoders.DecoderCrop), hence off by default."""
     access: str = "random"
     """wds: 'random' reads samples of one exact global permutation per epoch (local shards; remote ones are
     fetched whole into cache_dir first); 'stream' has each rank read its own run of shards front to back

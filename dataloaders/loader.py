@@ -31,6 +31,7 @@ import numpy as np
 
 from dataloaders import transforms
 from dataloaders.config import DataConfig
+from dataloaders.datasets import crops_in_decoder, get_dataset
 from dataloaders.manifest import is_remote, read_manifest, resolve
 from dataloaders.order import PAD, EpochPlan
 from dataloaders.stream import ShardStream, StreamPlan
@@ -144,14 +145,19 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
     shape = transforms.output_shape(cfg, stored, train)
     side = stored[0] if stored else manifest.get("stats", {}).get("median_short_side", cfg.image_size)
     if cfg.format == "wds":
-        from dataloaders.decoders import ReducedResizedCrop
+        from dataloaders.decoders import DecoderCrop, require_window_decoder
         from dataloaders.wds_reader import ShardSet, WdsDataset
 
-        reduced = cfg.reduced_decode and train
-        if reduced and manifest["sample"]["ext"] != "jpg":
+        jpeg = manifest["sample"]["ext"] == "jpg"
+        if cfg.reduced_decode and train and not jpeg:
             raise ValueError(f"data.reduced_decode decodes JPEGs; {cfg.path} stores {manifest['sample']['ext']}")
-        augment = transforms.augment(cfg, train, side, cropped_by_decoder=reduced)
-        crop = ReducedResizedCrop(cfg.image_size, cfg.hflip) if reduced else None
+        window = cfg.window_decode and train and jpeg and crops_in_decoder(get_dataset(cfg.dataset), cfg, side)
+        if window:
+            require_window_decoder()
+        crop = None
+        if window or (cfg.reduced_decode and train):
+            crop = DecoderCrop(cfg.image_size, cfg.hflip, reduce=cfg.reduced_decode, window=window)
+        augment = transforms.augment(cfg, train, side, cropped_by_decoder=crop is not None)
         shards = ShardSet(cfg.path, manifest, cfg.cache_dir)
         dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder, len(manifest["classes"]),
                              crop)

@@ -2,9 +2,10 @@
 pipelines do, instead of indexing samples of a global permutation.
 
 Use it for shards behind a URL or `pipe:` command that do not fit on a node (ImageNet from object
-storage): nothing is cached, only a bounded read-ahead is held in memory (the shuffle buffer plus the
-DataLoader's prefetched batches). Keep `random` (the default) for local shards: its exact global
-permutation mixes the whole split each epoch, while a stream only mixes within shards and the buffer.
+storage): nothing is cached, only a bounded read-ahead is held in memory (the shuffle buffer, the
+DataLoader's prefetched batches and a 256 KiB read buffer). Keep `random` (the default) for local shards:
+its exact global permutation mixes the whole split each epoch, while a stream only mixes within shards and
+the buffer.
 
 The plan, like `EpochPlan`, derives from (seed, epoch) alone:
 - the epoch's shard order (shuffled for train, as stored for eval) concatenated is one stream of all
@@ -35,6 +36,7 @@ from dataloaders.order import PAD, EpochPlan
 from dataloaders.wds_reader import ShardError, ShardSet
 
 log = logging.getLogger(__name__)
+_READ_SIZE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,9 @@ def _tar_samples(url: str, first: int):
     """(offset, {ext: bytes}) of the samples of one WebDataset tar from `first` on, read front to back
     (the members of a sample are adjacent; those before `first` are read past, not kept)."""
     opener = open_remote if is_remote(url) else functools.partial(open, mode="rb")
-    with opener(url) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+    # Reads of 256 KiB: tarfile's default 10 KiB each cost a round trip through fsspec's event-loop thread,
+    # which made the main process spend more on reading a stream than a worker on decoding it.
+    with opener(url) as f, tarfile.open(fileobj=f, mode="r|", bufsize=_READ_SIZE) as tf:
         key, sample, offset = None, {}, -1
         for m in tf:
             if not m.isfile():

@@ -112,7 +112,7 @@ class WdsDataset(torch.utils.data.Dataset):
     """Item (position, seed or None[, shard name, sample]) -> (augmented uint8 sample, label, undecodable?);
     the trainer normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
     and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them).
-    `crop`: a decoder that also crops (`decoders.ReducedResizedCrop`), drawing from the sample's seed
+    `crop`: a decoder that also crops (`decoders.DecoderCrop`), drawing from the sample's seed
     before `augment` does."""
 
     def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str, num_classes: int,

@@ -53,21 +53,6 @@ def test_loader_batches_match_across_decoders(imagenet_wds):
     assert torch.equal(y_old, y_new) and (x_old.int() - x_new.int()).abs().max() <= 2
 
 
-def test_reduced_decode_without_a_reduction_is_the_decode_then_crop_path(imagenet_wds):
-    """data.reduced_decode draws the same crops, flips and AutoAugment ops from each sample's seed; where no
-    reduction applies (windows under 2 * image_size px: all of them with 40-96 px images and 64 px crops)
-    the batches are bit for bit those of decoding first."""
-    def epoch(reduced):
-        cfg = DataConfig(dataset="imagenet", path=str(imagenet_wds), batch_size=6, num_workers=0, image_size=64,
-                         hflip=True, reduced_decode=reduced)
-        return [(x.clone(), y.clone()) for x, y in build_loader(cfg, "train", 0, 1)]
-
-    full, reduced = epoch(False), epoch(True)
-    assert len(full) == len(reduced) == 4
-    for (x_full, y_full), (x_red, y_red) in zip(full, reduced):
-        assert torch.equal(y_full, y_red) and torch.equal(x_full, x_red)
-
-
 def test_reduced_decode_stays_close_to_decoding_first():
     """Where the JPEG is decoded at 1/2 to 1/8 (400x480 px stored, 32 px crops: every window of >= 64 px),
     the same seed gives the same window and flip, so a crop differs only by the scaled IDCT's filtering and
@@ -75,17 +60,18 @@ def test_reduced_decode_stays_close_to_decoding_first():
     and under 10 for any one crop."""
     from torchvision.transforms import v2
 
-    from dataloaders.decoders import ReducedResizedCrop, decode_reduced
+    from dataloaders.decoders import DecoderCrop, decode_reduced
     from dataloaders.transforms import seeded
 
     data = _jpeg(Image.fromarray(synthetic.class_image(1, 3, 400, 480, np.random.default_rng(0))))
     assert decode_reduced(data, 2).shape == (3, 200, 240) and decode_reduced(data, 8).shape == (3, 50, 60)
     assert torch.equal(decode_reduced(data, 1), get_decoder("simplejpeg")(data))
-    reduced = ReducedResizedCrop(32, flip=True)
+    reduced, windowed = DecoderCrop(32, flip=True), DecoderCrop(32, flip=True, window=True)
     full = v2.Compose([v2.RandomResizedCrop(32, antialias=True), v2.RandomHorizontalFlip()])
     errors = []
     for seed in range(100):
         a, b = seeded(reduced, data, seed), seeded(full, get_decoder("simplejpeg")(data), seed)
+        assert torch.equal(seeded(windowed, data, seed), a)  # the window of the reduced image is that image's
         assert a.shape == b.shape == (3, 32, 32)
         errors.append((a.int() - b.int()).abs().float().mean().item())
     assert 0 < np.mean(errors) < 5 and max(errors) < 10, (np.mean(errors), max(errors))

@@ -65,10 +65,13 @@ def test_folder_round_trip_stats_and_augmentation_by_size(tmp_path):
     back = (loader.normalize(images).permute(0, 2, 3, 1) * std + mean) * 255
     assert abs(float(back.mean()) - 255 * float(flat.mean())) < 6  # the stored statistics fit the pixels
 
+    assert train["sample"]["ext"] == "jpg"
     for augment, side in (("pad_crop", 24), ("resized_crop", 16)):
-        cfg.folder_augment, cfg.image_size = augment, side
+        cfg.folder_augment, cfg.image_size, cfg.window_decode = augment, side, True
         images, labels = next(iter(build_loader(cfg, "train", 0, 1)))
         assert images.shape == (6, 3, side, side) and set(labels.tolist()) <= {0, 1, 2}
+        cfg.window_decode = False  # the window decoder crops only for resized_crop, with the same pixels
+        assert torch.equal(images, next(iter(build_loader(cfg, "train", 0, 1)))[0])
     convert("folder", tmp_path / "ffcv", "ffcv", tmp_path / "src", write_mode="jpg")
     ffcv = DataConfig(dataset="folder", format="ffcv", path=str(tmp_path / "ffcv"), batch_size=6)
     with pytest.raises(ValueError, match="pad_crop .* FFCV"):  # 'auto' picks pad_crop for these 24 px images

@@ -40,9 +40,18 @@ class Dataset:
     """False for data sets generated on the fly (no raw download to point --src at)."""
     decoder_crops: bool = False
     """FFCV decodes stored images of varying size with a cropping decoder (ImageNet)."""
+    resized_crop: Callable[[Any, int], bool] | None = None
+    """decoder_crops sets whose train augmentation depends on the images: (DataConfig, stored side) -> whether
+    it starts with RandomResizedCrop(image_size); None: always."""
     time_first: bool = False
     """A loaded sample is a sequence [T, C, H, W] (event frames): batches [N, T, ...] go to the model time
     first, [T, N, ...]. Static images are [C, H, W] and the model repeats them over T itself."""
+
+
+def crops_in_decoder(spec: Dataset, cfg, side: int) -> bool:
+    """The train augmentation starts with RandomResizedCrop(image_size), which a cropping decoder can do
+    (FFCV's; data.window_decode's on wds)."""
+    return spec.decoder_crops and (spec.resized_crop is None or spec.resized_crop(cfg, side))
 
 
 @functools.cache
