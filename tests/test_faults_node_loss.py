@@ -24,6 +24,7 @@ from ray.job_submission import JobStatus
 from cluster.local import LocalCluster, _alive, _kill_groups
 from launch.common import LaunchError, plan_workers, workers_that_fit
 from tests.cluster_fixtures import digits_wds, local_cluster, local_sh
+from trainer.checkpoint import find_resume_checkpoint, read_meta
 from trainer.recipes import get_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +80,9 @@ def test_workers_that_fit_counts_alive_nodes_like_rays_elastic_policy():
 
 
 def newest_step(run: Path) -> int:
-    done = [int(d.name[5:]) for d in (run / "checkpoints").glob("step_*") if (d / "meta.json").is_file()]
-    return max(done, default=-1)
+    """The step the trainer would resume from (its own rule, completeness included); -1 before the first."""
+    found = find_resume_checkpoint(run / "checkpoints")
+    return read_meta(found)["step"] if found else -1
 
 
 def logged_step(run: Path) -> int:
