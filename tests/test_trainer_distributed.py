@@ -250,3 +250,26 @@ def test_mlflow_run_in_local_store_and_resume_shares_it(runs):
     # The finished run's weights are logged models of this run, at its last step.
     models = [m for m in client.search_logged_models([df.iloc[0]["experiment_id"]]) if m.source_run_id == first]
     assert sorted(m.name for m in models) == ["best", "final"]
+
+
+def test_a_world_of_one_binds_the_port_the_os_gives_its_store():
+    """A plain `python -m trainer.train` makes a world of one. It used to pick a free port first and bind it
+    later; next to a running Ray cluster another process took it in between (EADDRINUSE, seen in CI). Now
+    its store binds port 0, so there is no gap: the environment says 0 and the store holds a real port."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch, torch.distributed as dist\n"
+            "from trainer.distributed import init_distributed\n"
+            "init_distributed('gloo')\n"
+            "t = torch.ones(2); dist.all_reduce(t)\n"
+            "store = dist.distributed_c10d._get_default_store()\n"
+            "while not hasattr(store, 'port'): store = store.underlying_store  # PrefixStores around the TCPStore\n"
+            "print('RESULT', os.environ['MASTER_PORT'], store.port, dist.get_world_size(), t.tolist())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "DS_ACCELERATOR": "cpu"}, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, env_port, store_port, world, reduced = next(
+        line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split(" ", 4)
+    assert env_port == "0" and int(store_port) > 0 and world == "1" and reduced == "[1.0, 1.0]"

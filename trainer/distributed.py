@@ -38,9 +38,10 @@ def init_distributed(backend: str) -> tuple[int, int, torch.device]:
     import deepspeed  # not at import time: the launchers use `process_group_backend` without it
 
     if not dist.is_initialized() and "RANK" not in os.environ:
-        # A plain `python -m trainer.train`: a world of one.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        # A plain `python -m trainer.train`: a world of one. Port 0: its store binds whatever port the OS
+        # gives it. A port picked free beforehand can be taken before the store binds it (EADDRINUSE next to
+        # a running Ray cluster, seen in CI), and no other rank needs to know it.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     on_gpu = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend=process_group_backend(on_gpu, backend))
     device = torch.device("cpu")
