@@ -55,7 +55,7 @@ def test_a_window_has_the_pixels_of_the_whole_decode(kind, factor):
 
 def test_bad_input_is_a_value_error():
     data = KINDS["4:2:0"]
-    for args in ((0, 0, 204, 10), (-1, 0, 5, 5), (0, 300, 5, 18), (0, 0, 0, 5)):
+    for args in ((0, 0, 204, 10), (-1, 0, 5, 5), (0, 300, 5, 18), (0, 0, 0, 5), (5, 0, 2**31 - 1, 5)):
         with pytest.raises(ValueError, match="outside"):
             decode_window(data, *args, 1)
     with pytest.raises(ValueError, match="factor"):

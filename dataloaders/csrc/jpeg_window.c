@@ -75,8 +75,9 @@ static PyObject *decode_window(PyObject *self, PyObject *args) {
     cinfo.scale_num = 1;
     cinfo.scale_denom = (unsigned int)factor;
     jpeg_start_decompress(&cinfo);
-    if (top < 0 || left < 0 || height < 1 || width < 1 || (JDIMENSION)(top + height) > cinfo.output_height ||
-        (JDIMENSION)(left + width) > cinfo.output_width) {
+    /* In 64 bits: top + height must not wrap for a hostile pair of ints. */
+    if (top < 0 || left < 0 || height < 1 || width < 1 || (long long)top + height > cinfo.output_height ||
+        (long long)left + width > cinfo.output_width) {
         jpeg_destroy_decompress(&cinfo);
         PyBuffer_Release(&data);
         PyErr_Format(PyExc_ValueError, "window %dx%d at (%d, %d) outside the %ux%u image", height, width, top,
