@@ -66,23 +66,33 @@ def _cpu_seconds() -> tuple[float, float]:
     return sum(me.cpu_times()[:2]), workers
 
 
+def _interleaved_best(runs: dict, rounds: int, score) -> dict:
+    """name -> the best by `score` of `rounds` results of runs[name](). Rounds interleave the runs: load
+    from other processes on a shared machine then slows all of them alike instead of whichever happened to
+    run during it."""
+    best: dict = {}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            result = run()
+            if name not in best or score(result) > score(best[name]):
+                best[name] = result
+    return best
+
+
 def _measure(paths: dict, rounds: int) -> dict[str, tuple[int, float, float, float]]:
     """name -> (images, wall seconds, CPU seconds in all, of them in the main process) of the best of
-    `rounds` passes (by images per CPU second), after one warm-up pass each. Rounds interleave the paths, as
-    for the decoders: load from elsewhere on a shared machine slows all of them alike. Padding rows (label
+    `rounds` interleaved passes (by images per CPU second), after one warm-up pass each. Padding rows (label
     -1: stream mode fills its last batch with them) are not images."""
+    def one_pass(passes) -> tuple[int, float, float, float]:
+        (main, workers), t = _cpu_seconds(), time.perf_counter()
+        n = sum(int((y >= 0).sum()) for _, y in passes())
+        wall, (main_end, workers_end) = time.perf_counter() - t, _cpu_seconds()
+        return n, wall, main_end - main + workers_end - workers, main_end - main
+
     for passes in paths.values():
         sum(len(y) for _, y in passes())
-    best: dict[str, tuple[int, float, float, float]] = {}
-    for _ in range(rounds):
-        for name, passes in paths.items():
-            (main, workers), t = _cpu_seconds(), time.perf_counter()
-            n = sum(int((y >= 0).sum()) for _, y in passes())
-            wall, (main_end, workers_end) = time.perf_counter() - t, _cpu_seconds()
-            row = n, wall, main_end - main + workers_end - workers, main_end - main
-            if name not in best or row[0] / row[2] > best[name][0] / best[name][2]:
-                best[name] = row
-    return best
+    return _interleaved_best({name: functools.partial(one_pass, passes) for name, passes in paths.items()},
+                             rounds, lambda row: row[0] / row[2])
 
 
 def _normalize_rate(batch: int, epochs: int) -> float:
@@ -153,17 +163,14 @@ def _decoder_rows(files: list[bytes], epochs: int) -> list[tuple[str, float]]:
     for _, run in runs:  # warm-up
         for data in files:
             run(data)
-    # Rounds interleave the decoders and each keeps its best round: load from other processes on a shared
-    # machine then slows all of them alike instead of whichever happened to run during it.
-    best = dict.fromkeys(name for name, _ in runs)
-    for _ in range(epochs):
-        for name, run in runs:
-            t = time.process_time()
-            for data in files:
-                run(data)
-            rate = len(files) / (time.process_time() - t)
-            best[name] = max(best[name] or 0.0, rate)
-    return list(best.items())
+    def rate(run) -> float:
+        t = time.process_time()
+        for data in files:
+            run(data)
+        return len(files) / (time.process_time() - t)
+
+    return list(_interleaved_best({name: functools.partial(rate, run) for name, run in runs}, epochs,
+                                  lambda r: r).items())
 
 
 @contextlib.contextmanager
