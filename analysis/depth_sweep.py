@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.registry import FAMILIES
-from trainer.mlflow_store import local_store_uri
+from trainer.run_record import local_store_uri
 
 FIELDS = ("family", "depth", "status", "val_top1", "val_best_top1", "train_loss", "spikes_per_neuron",
           "mj_per_image", "grad_first_over_last", "run_name", "run_id")

@@ -44,23 +44,22 @@ CPU = dict(res=32, T=2, steps=1, warmup=1, calib_res=32, lif_batch=2, grow=2.0, 
 
 
 def engine_row(name: str, setting: str, batch: int, p: dict, device: torch.device) -> dict:
-    from models import create_model
     from trainer.batch_plan import batch_plan
     from trainer.config import apply_overrides
     from trainer.deepspeed_config import deepspeed_config
-    from trainer.precision import autocast, model_input, weights_dtype
+    from trainer.precision import autocast, weights_dtype
     from trainer.recipes import get_recipe
     from trainer.wrap import wrap
 
     every, segment = parse_setting(setting)
     cfg = get_recipe(f"{name}_imagenet")
     apply_overrides(cfg, [f"model.T={p['T']}", f"engine.activation_checkpointing={every}",
-                          f"engine.checkpoint_segment={segment}", f"data.batch_size={batch}",
+                          f"engine.activation_checkpointing_segment={segment}", f"data.batch_size={batch}",
                           f"optim.global_batch={batch}"])
     on_gpu = device.type == "cuda"
     before = _settle(device)
     torch.manual_seed(0)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, T=cfg.model.T, **cfg.model.kwargs)
+    model = cfg.model.build()
     plan = batch_plan(cfg.optim, cfg.data.batch_size, 1)
     engine = wrap(model, cfg, deepspeed_config(cfg, plan, on_gpu), plan, 100, 100, on_gpu=on_gpu)
     x = torch.randn(batch, 3, p["res"], p["res"], device=device)
@@ -68,7 +67,7 @@ def engine_row(name: str, setting: str, batch: int, p: dict, device: torch.devic
 
     def step() -> float:
         with autocast(device, cfg.engine.precision):
-            logits = engine(model_input(x, device, weights_dtype(engine.module), time_first=False))
+            logits = engine(x.to(weights_dtype(engine.module)))
         loss = F.cross_entropy(logits.float(), y)
         engine.backward(loss)
         engine.step()

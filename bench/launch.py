@@ -26,7 +26,7 @@ from pathlib import Path
 import mlflow
 
 from cluster.local import client_env
-from trainer.mlflow_store import local_store_uri
+from trainer.run_record import local_store_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -4,7 +4,7 @@
     python -m bench.plan --model ms_resnet482 --T 6 --res 32 --gpu-mem 80 --calib-res 16 --validate
 
 Settings (`--settings`): `none`; `k` = checkpoint every k-th residual block; `kxs` = every k-th segment
-of s consecutive blocks (engine.activation_checkpointing=k, engine.checkpoint_segment=s).
+of s consecutive blocks (engine.activation_checkpointing=k, engine.activation_checkpointing_segment=s).
 
 Model of a training step's peak memory, per setting:
 
@@ -123,7 +123,8 @@ def measure_step(model: nn.Module, batch: int, res: int, num_classes: int, devic
 
 
 def parse_setting(setting: str) -> tuple[int, int]:
-    """'none' -> (0, 1), 'k' -> (k, 1), 'kxs' -> (k, s): (activation_checkpointing, checkpoint_segment)."""
+    """'none' -> (0, 1), 'k' -> (k, 1), 'kxs' -> (k, s): engine.activation_checkpointing and
+    engine.activation_checkpointing_segment."""
     if setting == "none":
         return 0, 1
     every, _, segment = setting.partition("x")

@@ -17,9 +17,10 @@ sample once per epoch), or a sample that failed to decode (logged, counted in `m
 `data/decode_errors` for train over the run, `val/decode_errors` for the latest pass over an eval split,
 both summed over ranks); use `ignore_index=-1` in the loss and mask them in accuracy counts. With
 data.access=random train batches are always full (the epoch's remainder is dropped); eval batches keep their
-size with padding rows. Batches stay uint8 up to the training device (`trainer.precision.model_input` runs
-`normalize` there): normalising in the loader cost its CPU about a third as much again as decoding and
-cropping, mostly page faults on each fresh float batch (bench.loaders).
+size with padding rows. Batches stay uint8 up to the training device, where `loader.to_model(x, y, device,
+dtype)` normalises them and puts sequence data time first (the data set's `time_first`): normalising in the
+loader cost its CPU about a third as much again as decoding and cropping, mostly page faults on each fresh
+float batch (bench.loaders).
 """
 
 from __future__ import annotations
@@ -39,9 +40,22 @@ from dataloaders.stream import ShardStream, StreamPlan
 log = logging.getLogger(__name__)
 
 
+def model_input(x, device, dtype, time_first: bool, normalize=None, labels=None):
+    """Batch as the model takes it: time first for sequence data ([N, T, C, H, W] -> [T, N, ...]), on the
+    device, in `dtype` (the model's weights' dtype). `normalize` (a Loader's: its batches are uint8) runs on
+    the device after the copy (asynchronous on a GPU from the DataLoader's pinned memory); `labels` (on the
+    device already) lets it zero the padding rows."""
+    if normalize is not None:
+        x = normalize(x.to(device, non_blocking=True), labels)
+    x = x.transpose(0, 1) if time_first else x
+    return x.to(device, dtype=dtype, non_blocking=True)
+
+
 class Loader:
-    def __init__(self, plan: EpochPlan, backend, normalize, classes: list[str]):
+    def __init__(self, plan: EpochPlan, backend, normalize, classes: list[str], time_first: bool = False):
         self.plan, self.backend, self.normalize, self.classes = plan, backend, normalize, classes
+        self.time_first = time_first
+        """The data set's: the model takes its batches time first."""
         self.epoch, self.batches_yielded, self.decode_errors = 0, 0, 0
         self.pass_decode_errors = 0  # since the current pass over the split began (an eval's count)
 
@@ -75,6 +89,11 @@ class Loader:
             else:
                 self.batches_yielded = start + k + 1
             yield images, labels
+
+    def to_model(self, x, y, device, dtype):
+        """(inputs, labels) of one of this loader's batches as the model and the loss take them."""
+        y = y.to(device, non_blocking=True)
+        return model_input(x, device, dtype, self.time_first, self.normalize, y), y
 
     def seek(self, epoch: int, batches: int) -> None:
         """Continue `batches` batches into `epoch`. Unlike `load_state_dict`, this holds under another world
@@ -134,7 +153,7 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
     manifest = read_manifest(cfg.path, split, cfg.format)
     if manifest["dataset"] != cfg.dataset:
         raise ValueError(f"{cfg.path} holds {manifest['dataset']!r}, but data.dataset={cfg.dataset!r}")
-    train = split == "train"
+    train, spec = split == "train", get_dataset(cfg.dataset)
     if cfg.access == "stream":
         sizes = tuple(s["num_samples"] for s in manifest["shards"])
         plan = StreamPlan(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train, sizes,
@@ -151,7 +170,7 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
         jpeg = manifest["sample"]["ext"] == "jpg"
         if cfg.reduced_decode and train and not jpeg:
             raise ValueError(f"data.reduced_decode decodes JPEGs; {cfg.path} stores {manifest['sample']['ext']}")
-        window = cfg.window_decode and train and jpeg and crops_in_decoder(get_dataset(cfg.dataset), cfg, side)
+        window = cfg.window_decode and train and jpeg and crops_in_decoder(spec, cfg, side)
         if window:
             require_window_decoder()
         crop = None
@@ -163,14 +182,26 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
                              crop)
         stream = ShardStream(shards, cfg.retries, cfg.retry_backoff) if cfg.access == "stream" else None
         return Loader(plan, _TorchBackend(dataset, cfg.num_workers, stream), transforms.normalize(cfg, manifest),
-                      manifest["classes"])
+                      manifest["classes"], spec.time_first)
     if is_remote(cfg.path):
         raise ValueError(f"FFCV memory-maps local files; copy {cfg.path} to node-local storage first")
     from dataloaders.ffcv_pipeline import FfcvBackend
 
     augment = transforms.augment(cfg, train, side, cropped_by_decoder=True)
     backend = FfcvBackend(cfg, manifest, resolve(cfg.path, manifest["file"]), train, augment, shape)
-    return Loader(plan, backend, transforms.normalize(cfg, manifest), manifest["classes"])
+    return Loader(plan, backend, transforms.normalize(cfg, manifest), manifest["classes"], spec.time_first)
+
+
+class InMemory(list):
+    """Batches already in memory, ready but for the layout (no normalisation), behind a Loader's `to_model`:
+    what `trainer.evaluate.evaluate` takes besides a Loader."""
+
+    def __init__(self, batches, time_first: bool = False):
+        super().__init__(batches)
+        self.time_first = time_first
+
+    to_model = Loader.to_model
+    normalize = None
 
 
 class _TorchBackend:

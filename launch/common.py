@@ -39,8 +39,8 @@ from trainer.batch_plan import BatchPlan, batch_plan
 from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import process_group_backend
-from trainer.mlflow_store import local_store_uri
 from trainer.recipes import get_recipe
+from trainer.run_record import local_store_uri
 from trainer.set_aside import set_aside
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -62,13 +62,14 @@ def _trainer_worker(rank: int, data: Path, out: Path) -> None:
 
 def _evaluate_worker(rank: int, data: Path, out: Path) -> None:
     from dataloaders import build_loader
-    from models import create_model
+    from dataloaders.loader import InMemory
     from trainer.evaluate import evaluate
 
     dist.init_process_group("gloo")
     cfg = tiny_config(data, out / "unused")
-    model = create_model(cfg.model.name, num_classes=10, T=cfg.model.T, **cfg.model.kwargs)
-    batches = list(build_loader(cfg.data, "val", rank, 2))[:2]  # real batches, on the CPU
+    model = cfg.model.build()
+    loader = build_loader(cfg.data, "val", rank, 2)
+    batches = InMemory(list(loader)[:2])  # real batches, on the CPU
     calls = record_collectives()
     torch.set_default_device("meta")  # stands in for "not the training device"
     try:

@@ -42,9 +42,9 @@ def test_each_module_decides_augmentation_normalisation_and_shape():
 
 
 def test_sequence_data_goes_to_the_model_time_first():
+    from dataloaders.loader import InMemory, model_input
     from models import create_model
     from trainer.evaluate import evaluate
-    from trainer.precision import model_input
 
     assert [d for d in list_datasets() if get_dataset(d).time_first] == ["cifar10dvs"]
     batch = torch.arange(2 * 3 * 2 * 4 * 4, dtype=torch.float32).view(2, 3, 2, 4, 4)  # [N, T, C, H, W]
@@ -54,6 +54,7 @@ def test_sequence_data_goes_to_the_model_time_first():
     torch.manual_seed(0)
     model = create_model("ms_resnet20_dvs", num_classes=10, T=3, in_channels=2, widths=[4, 8, 8])
     x, y = torch.rand(4, 3, 2, 32, 32), torch.tensor([1, -1, 2, 3])
-    got = evaluate(model, [(x, y)], torch.device("cpu"), spikes=False, time_first=True)
-    alone = evaluate(model, [(x[[0, 2, 3]], y[[0, 2, 3]])], torch.device("cpu"), spikes=False, time_first=True)
+    got = evaluate(model, InMemory([(x, y)], time_first=True), torch.device("cpu"), spikes=False)
+    alone = evaluate(model, InMemory([(x[[0, 2, 3]], y[[0, 2, 3]])], time_first=True), torch.device("cpu"),
+                     spikes=False)
     assert got["val/samples"] == 3 and got == alone

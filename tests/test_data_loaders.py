@@ -52,7 +52,7 @@ def test_batches_stay_uint8_and_model_input_normalises_them_as_the_loader_did(im
     used to give (v2.ToDtype(scale=True) + v2.Normalize, padding rows zero) up to float rounding."""
     from torchvision.transforms import v2
 
-    from trainer.precision import model_input
+    from dataloaders.loader import model_input
 
     cfg = DataConfig(dataset="imagenet", path=str(imagenet_wds), batch_size=8, num_workers=0, val_resize=48,
                      val_crop=40)

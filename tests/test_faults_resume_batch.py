@@ -35,7 +35,7 @@ def _worker(rank: int, data: Path, out: Path) -> None:
                           f"checkpoint.resume={step_dir}", "stop_at_step=6")
         trainer = Trainer(cfg)
         results[f"micro{micro}"] = {"next": _next_samples(trainer, 64), "accum": trainer.accum,
-                                    "step": trainer.progress.step, "result": trainer.fit()}
+                                    "step": trainer.state.step, "result": trainer.fit()}
     try:
         Trainer(tiny_config(data, out / "global64", *BASE, "optim.global_batch=64", f"checkpoint.resume={step_dir}"))
     except ValueError as e:

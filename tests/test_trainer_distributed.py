@@ -77,7 +77,7 @@ def _two_rank_worker(rank: int, data: Path, out: Path) -> None:
         run(f"resumed_z{zero}#1", f"engine.zero_stage={zero}", *RESUME, f"stop_at_step={STOP}", *mlflow)
         # The ZeRO-2 continuation also checkpoints activations, in segments of 3 blocks (SyncBN statistics
         # are then all-reduced again inside backward): it must still match the uninterrupted run bit for bit.
-        ckpt = ["engine.activation_checkpointing=1", "engine.checkpoint_segment=3"] if zero == 2 else []
+        ckpt = ["engine.activation_checkpointing=1", "engine.activation_checkpointing_segment=3"] if zero == 2 else []
         run(f"resumed_z{zero}#2", f"engine.zero_stage={zero}", *RESUME, *mlflow, *ckpt)
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, default=str))

@@ -3,7 +3,7 @@
 import json
 
 from trainer.mlflow_logger import ui_links
-from trainer.progress import MetricsFile, eval_line, step_line
+from trainer.run_record import MetricsFile, eval_line, step_line
 
 TRAIN = {"train/loss": 1.43719, "train/top1": 0.49412, "perf/images_per_s": 168.4, "grad/norm_block_3": 0.026}
 VAL = {"val/top1": 0.55, "val/top5": 0.9134, "val/loss": 1.2009}

@@ -16,9 +16,11 @@ leaves the previous checkpoint complete and discoverable; stale `.tmp-*` directo
 removed by the next save. A write that fails (a full disk) fails the save on every rank at once and
 removes the `.tmp-*` directory (`CheckpointWriteError`).
 
-`CheckpointManager` is the one place that knows what a checkpoint holds: it saves and restores the
-engine (model, optimizer, scheduler), every rank's RNG streams and data-loader position, and the
-progress counters with the MLflow run id.
+`CheckpointManager` is the one place that knows what a checkpoint holds and when one is written: it
+holds the engine (model, optimizer, scheduler), the training data loader and the loop state it saves,
+with every rank's RNG streams; it decides when a step is saved (`due`), prunes to keep-last/keep-best,
+finds the resume point and the global batch the run started with. `CheckpointMeta` is the one reader of
+`meta.json`.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ import torch.distributed as dist
 from deepspeed.utils import safe_set_full_optimizer_state
 
 from trainer.checkpoint_engine import trainer_checkpoint_engine
+from trainer.config import CheckpointConfig
 from trainer.distributed import rank_seed, rng_state, seed_all, set_rng_state
 from trainer.health import ranks_flagged
+from trainer.loop_state import LoopState
 from trainer.safe_load import safe_load
 from trainer.set_aside import set_aside
 
@@ -47,39 +51,22 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 LATEST = "latest"
 FORMAT = 1
-"""meta.json's layout version; raise it when a key changes meaning, and keep reading the older ones."""
-
-
-@dataclass
-class Progress:
-    """What the loop needs to continue exactly where it stopped."""
-
-    step: int = 0
-    epoch: int = 0
-    epoch_step: int = 0
-    best_top1: float | None = None
-    mlflow_run_id: str | None = None
-    nonfinite_steps: int = 0
-    """Optimizer steps found non-finite so far (each skipped, rolled back or fatal)."""
-    rollbacks: int = 0
-    """Rollbacks so far. After one, `epoch`/`epoch_step` (the data position) run ahead of `step`: the
-    batches of the diverged window are not read again, so a resume continues after them as well."""
+"""meta.json's layout version; raise it when a key changes meaning."""
 
 
 @dataclass
 class CheckpointMeta:
     """meta.json: one per checkpoint, written by rank 0 once every rank's shard is on disk. Stored flat
-    (format 1), so export tools and older code read it as a plain dict."""
+    (format 1): the loop state's keys beside the others."""
 
-    progress: Progress
+    progress: LoopState
     world_size: int
     zero_stage: int
     precision: str
     grad_accumulation: int
     config: dict[str, Any]
-    global_batch: int | None = None
-    """Images per optimizer step when this was saved, which a resume keeps (trainer/batch_plan.py); None in
-    files from before the batch plan, where it follows from `config` and `world_size`."""
+    global_batch: int
+    """Images per optimizer step when this was saved, which a resume keeps (trainer/batch_plan.py)."""
     best_metric_here: float | None = None
     """The validation top-1 measured at this step, if any: what `keep_best` ranks checkpoints by."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -88,22 +75,21 @@ class CheckpointMeta:
 
     def to_dict(self) -> dict[str, Any]:
         flat = dataclasses.asdict(self)
-        if flat["global_batch"] is None:  # an older file read back: written as it was
-            del flat["global_batch"]
         return {"format": flat.pop("format"), **flat.pop("progress"), **flat}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointMeta:
         if d.get("format") != FORMAT:
             raise ValueError(f"checkpoint format {d.get('format')!r}; this code reads format {FORMAT}")
-        names = {f.name for f in dataclasses.fields(Progress)}
-        # Keys added to Progress later are absent from older files and take their defaults.
-        return cls(progress=Progress(**{k: d[k] for k in names if k in d}),
-                   **{k: v for k, v in d.items() if k not in names})
+        names = {f.name for f in dataclasses.fields(LoopState)}
+        missing = names - d.keys()
+        if missing:
+            raise ValueError(f"meta.json lacks the loop state's {sorted(missing)}")
+        return cls(progress=LoopState(**{k: d[k] for k in names}), **{k: v for k, v in d.items() if k not in names})
 
     @classmethod
     def read(cls, step_dir: str | Path) -> CheckpointMeta:
-        return cls.from_dict(read_meta(step_dir))
+        return cls.from_dict(json.loads((Path(step_dir) / META).read_text()))
 
 
 def step_dir_name(step: int) -> str:
@@ -115,7 +101,8 @@ def rank_file(step_dir: Path, rank: int) -> Path:
 
 
 def read_meta(step_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(step_dir) / META).read_text())
+    """meta.json as the flat dict it is stored as, checked by `CheckpointMeta` (for tools and tests)."""
+    return CheckpointMeta.read(step_dir).to_dict()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -135,7 +122,7 @@ def find_resume_checkpoint(root: Path) -> Path | None:
 
 def best_checkpoint(root: Path) -> Path | None:
     """The complete checkpoint with the highest validation top-1 saved with it (the newest on a tie)."""
-    scored = [(m, d) for d in complete_checkpoints(root) if (m := read_meta(d).get("best_metric_here")) is not None]
+    scored = [(m, d) for d in complete_checkpoints(root) if (m := CheckpointMeta.read(d).best_metric_here) is not None]
     return max(scored, key=lambda md: (md[0], md[1].name))[1] if scored else None
 
 
@@ -161,13 +148,50 @@ def _fsync_tree(path: Path) -> None:
 
 
 class CheckpointManager:
-    """Step directories under `root`: save, find the newest complete one, restore from it."""
+    """Step directories under `root`: when to save, what (the tracked engine, loader and loop state, with
+    every rank's RNG streams), which to keep, and where a run resumes."""
 
-    def __init__(self, root: Path, keep_last: int, keep_best: bool, zero_stage: int):
-        self.root, self.keep_last, self.keep_best, self.zero_stage = root, keep_last, keep_best, zero_stage
+    def __init__(self, cfg: CheckpointConfig, root: Path, zero_stage: int):
+        self.cfg, self.root, self.zero_stage = cfg, root, zero_stage
+        self.saved_step = -1
+        self.resume_point = self._resume_point()
+        if self.resume_point is None and not cfg.auto_resume:
+            self.set_aside()
+
+    def _resume_point(self) -> Path | None:
+        if self.cfg.resume:
+            path = Path(self.cfg.resume)
+            if not (path / META).is_file():
+                raise FileNotFoundError(f"checkpoint.resume={path} is not a complete checkpoint (no meta.json)")
+            return path
+        return self.newest() if self.cfg.auto_resume else None
+
+    def started_global_batch(self) -> int | None:
+        """The global batch of the run being resumed (which it keeps), or None for a fresh start."""
+        return CheckpointMeta.read(self.resume_point).global_batch if self.resume_point else None
+
+    def track(self, engine, loader, state: LoopState, run_facts: dict[str, Any]) -> None:
+        """What every save writes and every restore sets. `run_facts`: the `CheckpointMeta` fields that
+        stay the same through the run (world_size, zero_stage, precision, grad_accumulation, config,
+        global_batch)."""
+        self.engine, self.loader, self.state, self.run_facts = engine, loader, state, run_facts
 
     def newest(self) -> Path | None:
         return find_resume_checkpoint(self.root)
+
+    def best(self) -> Path | None:
+        return best_checkpoint(self.root)
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / step_dir_name(step)
+
+    def due(self, step: int, *, epoch_end: bool = False, last_step: bool = False) -> bool:
+        """Whether `step` is saved: every epoch end, every `checkpoint.every_steps` steps, and the last step
+        of an invocation unless it was just saved."""
+        if last_step:
+            return self.saved_step != step
+        every = self.cfg.every_steps
+        return epoch_end or bool(every and step % every == 0)
 
     def set_aside(self) -> None:
         """Collective. Starting over must not interleave step directories with an earlier run's: a later
@@ -176,34 +200,39 @@ class CheckpointManager:
             set_aside(self.root)
         dist.barrier()
 
-    def save(self, engine, loader, meta: CheckpointMeta) -> Path:
-        """Collective: every rank calls it. Returns the final step directory."""
-        return save_checkpoint(engine, self.root, meta.progress.step, meta.to_dict(),
-                               {"rng": rng_state(), "loader": loader.state_dict()}, self.keep_last,
-                               self.keep_best)
+    def save(self, metrics: dict[str, float], val_top1: float | None = None) -> Path:
+        """Collective: every rank calls it. `val_top1`: this step's validation top-1, if measured (what
+        keep_best ranks by). Returns the final step directory."""
+        meta = CheckpointMeta(dataclasses.replace(self.state), best_metric_here=val_top1, metrics=metrics,
+                              **self.run_facts)
+        step_dir = save_checkpoint(self.engine, self.root, self.state.step, meta.to_dict(),
+                                   {"rng": rng_state(), "loader": self.loader.state_dict()}, self.cfg.keep_last,
+                                   self.cfg.keep_best)
+        self.saved_step = self.state.step
+        return step_dir
 
-    def restore(self, engine, loader, step_dir: Path, seed: int, accum: int, global_batch: int) -> CheckpointMeta:
-        """Collective. Engine, RNG streams and loader position as they were at `step_dir`'s step.
+    def restore(self, step_dir: Path, seed: int, accum: int, global_batch: int) -> CheckpointMeta:
+        """Collective. Engine, RNG streams, loader position and loop state (in place) as they were at
+        `step_dir`'s step.
 
         Another data.batch_size (or world size) with the same optim.global_batch maps exactly: step s of an
         epoch reads samples [s * global_batch, (s + 1) * global_batch) of the epoch's order whatever the
         micro-batch, so the loader continues `epoch_step * accum` of its micro-batches in. Another global
         batch would change what a step and the schedule mean, and is refused."""
-        saved = CheckpointMeta.from_dict(read_meta(step_dir))
-        saved_global = saved.config.get("optim", {}).get("global_batch", global_batch)
+        loader = self.loader
+        saved = CheckpointMeta.read(step_dir)
+        saved_global = saved.config["optim"]["global_batch"]
         if saved_global != global_batch:
             raise ValueError(f"{step_dir} was trained with optim.global_batch={saved_global}, this run has "
                              f"{global_batch}: steps, epochs and the lr schedule would not line up. Resume with "
                              f"optim.global_batch={saved_global} (data.batch_size may change)")
         if saved.grad_accumulation != accum and loader.access == "stream" and saved.world_size == dist.get_world_size():
-            raise ValueError(f"{step_dir} was trained with data.batch_size="
-                             f"{saved.config.get('data', {}).get('batch_size')}; data.access=stream pads each "
-                             "rank's epoch to whole micro-batches, so another one changes the steps per epoch. "
-                             "Resume with the saved data.batch_size")
-        meta, rank_state = load_checkpoint(engine, step_dir, self.zero_stage)
-        meta = CheckpointMeta.from_dict(meta)
-        progress = meta.progress
-        if rank_state is not None and meta.grad_accumulation == accum:
+            raise ValueError(f"{step_dir} was trained with data.batch_size={saved.config['data']['batch_size']}; "
+                             "data.access=stream pads each rank's epoch to whole micro-batches, so another one "
+                             "changes the steps per epoch. Resume with the saved data.batch_size")
+        rank_state = load_checkpoint(self.engine, step_dir, self.zero_stage)
+        progress = saved.progress
+        if rank_state is not None and saved.grad_accumulation == accum:
             set_rng_state(rank_state["rng"])
             loader.load_state_dict(rank_state["loader"])
         elif rank_state is not None:
@@ -216,7 +245,9 @@ class CheckpointManager:
             # epoch. The per-rank RNG streams cannot be continued and restart from a fresh seed.
             seed_all(rank_seed(seed, dist.get_rank(), progress.step))
             loader.seek(progress.epoch, progress.epoch_step * accum)
-        return meta
+        vars(self.state).update(vars(progress))  # in place: the loop holds on to it
+        self.saved_step = progress.step
+        return saved
 
 
 class CheckpointWriteError(OSError):
@@ -289,8 +320,8 @@ def _prune(root: Path, keep_last: int, keep_best: bool) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint(engine, step_dir: Path, zero_stage: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore the engine from `step_dir`; returns (meta, this rank's trainer state or None).
+def load_checkpoint(engine, step_dir: Path, zero_stage: int) -> dict[str, Any] | None:
+    """Restore the engine from `step_dir`; returns this rank's trainer state, or None.
 
     The trainer state (RNG, data position) is per rank, so it is returned only when the world size is
     unchanged. ZeRO-0 checkpoints hold the full optimizer state and load at any world size. ZeRO >= 1
@@ -299,11 +330,11 @@ def load_checkpoint(engine, step_dir: Path, zero_stage: int) -> tuple[dict[str, 
     shards here and placed into the new partitions.
     """
     step_dir = Path(step_dir)
-    meta = read_meta(step_dir)
-    if meta["zero_stage"] != zero_stage:
-        raise ValueError(f"{step_dir} was written with ZeRO stage {meta['zero_stage']}; resume with "
-                         f"engine.zero_stage={meta['zero_stage']}")
-    same_world = meta["world_size"] == dist.get_world_size()
+    meta = CheckpointMeta.read(step_dir)
+    if meta.zero_stage != zero_stage:
+        raise ValueError(f"{step_dir} was written with ZeRO stage {meta.zero_stage}; resume with "
+                         f"engine.zero_stage={meta.zero_stage}")
+    same_world = meta.world_size == dist.get_world_size()
     full_optimizer = same_world or zero_stage == 0
     trainer_checkpoint_engine(engine)
     path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name,
@@ -311,11 +342,8 @@ def load_checkpoint(engine, step_dir: Path, zero_stage: int) -> tuple[dict[str, 
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {step_dir}")
     if not full_optimizer:
-        _reshard_sgd_momentum(engine, step_dir, meta["world_size"])
-    rank_state = None
-    if same_world:
-        rank_state = safe_load(rank_file(step_dir, dist.get_rank()))
-    return meta, rank_state
+        _reshard_sgd_momentum(engine, step_dir, meta.world_size)
+    return safe_load(rank_file(step_dir, dist.get_rank())) if same_world else None
 
 
 def _saved_full_momentum(step_dir: Path, saved_world: int) -> dict[str, torch.Tensor]:

@@ -31,6 +31,12 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra `create_model` arguments (widths, dropout, decay, v_th, lens, in_channels, ...)."""
 
+    def build(self):
+        """The single-device network this config names (fresh weights from torch's current seed)."""
+        from models import create_model  # torch loads only when a model is wanted, not for a config
+
+        return create_model(self.name, num_classes=self.num_classes, T=self.T, **self.kwargs)
+
 
 @dataclass
 class OptimConfig:
@@ -67,7 +73,7 @@ class EngineConfig:
     zero_stage: int = 0
     activation_checkpointing: int = 0
     """Checkpoint every k-th residual block (or segment) over the whole T sequence; 0 disables it."""
-    checkpoint_segment: int = 1
+    activation_checkpointing_segment: int = 1
     """Consecutive blocks checkpointed as one unit: its input is kept and backward recomputes the whole
     unit. 1 = each block on its own; longer segments keep fewer inputs at the same recompute cost."""
     sync_bn: bool = True

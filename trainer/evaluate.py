@@ -23,17 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataloaders import build_loader
-from dataloaders.datasets import get_dataset
 from models.stats import SpikeMonitor
 from trainer.config import TrainConfig, apply_overrides, from_dict, load_config
 from trainer.export import load_exported
-from trainer.precision import autocast, model_input, weights_dtype
+from trainer.precision import autocast, weights_dtype
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
-             spikes: bool = True, time_first: bool = False) -> dict[str, float]:
-    """`time_first`: the data set's flag (`dataloaders.get_dataset(name).time_first`).
+             spikes: bool = True) -> dict[str, float]:
+    """`loader`: a `dataloaders.Loader`, or batches in memory (`dataloaders.loader.InMemory`); its
+    `to_model` puts each batch in the model's layout.
 
     The sums stay on `device`, the training device, for two reasons: a batch never waits for the GPU just
     to be counted, and the all-reduce then runs on the backend that serves that device (an NCCL group has
@@ -45,15 +45,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
     monitor = SpikeMonitor(model) if spikes else nullcontext()
     with monitor:
         for x, y in loader:
-            y = y.to(device)
-            # A Loader hands over uint8 batches and its normalize; a list of ready float batches has none.
-            x = model_input(x, device, dtype, time_first, getattr(loader, "normalize", None), y)
+            x, y = loader.to_model(x, y, device, dtype)
             # Padding rows (label -1) are dropped before the model sees them, so they count neither in
             # accuracy nor in the spike and energy statistics (eval-mode BN makes this exact).
             keep = y >= 0
             if not keep.any():
                 continue
-            x, y = (x[:, keep] if time_first else x[keep]), y[keep]
+            x, y = (x[:, keep] if loader.time_first else x[keep]), y[keep]
             with autocast(device, precision):
                 logits = model(x).float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -103,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     apply_overrides(cfg, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = build_loader(cfg.data, args.split, 0, 1)
-    metrics = evaluate(model.to(device), loader, device, cfg.engine.precision,
-                       time_first=get_dataset(cfg.data.dataset).time_first)
+    metrics = evaluate(model.to(device), loader, device, cfg.engine.precision)
     print(json.dumps({"model": str(args.model), "step": blob.get("step"), **metrics}))
 
 

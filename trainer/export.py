@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import create_model
-from trainer.checkpoint import find_resume_checkpoint, read_meta
+from trainer.checkpoint import CheckpointMeta, find_resume_checkpoint
+from trainer.config import ModelConfig, from_dict
 from trainer.safe_load import safe_load, weights_only_loads
 
 
 def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    meta = read_meta(step_dir)
-    if meta["precision"] == "fp16" and meta["zero_stage"] >= 1:
+    meta = CheckpointMeta.read(step_dir)
+    if meta.precision == "fp16" and meta.zero_stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with weights_only_loads():  # it calls torch.load(weights_only=False) itself
@@ -43,10 +43,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
             raise FileNotFoundError(f"{path} is neither a checkpoint step directory nor a run directory "
                                     "with a complete checkpoint")
         path = found
-    meta = read_meta(path)
-    blob = {"state_dict": consolidated_state_dict(path), "model": meta["config"]["model"],
-            "step": meta["step"], "epoch": meta["epoch"], "metrics": meta.get("metrics", {}),
-            "source": str(path)}
+    meta = CheckpointMeta.read(path)
+    blob = {"state_dict": consolidated_state_dict(path), "model": meta.config["model"],
+            "step": meta.progress.step, "epoch": meta.progress.epoch, "metrics": meta.metrics, "source": str(path)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -59,8 +58,7 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     """The single-device model rebuilt from an `export` file, with its weights, and the file's contents.
     The file holds only tensors and plain values; anything else is refused (`trainer.safe_load`)."""
     blob = safe_load(path)
-    m = blob["model"]
-    model = create_model(m["name"], num_classes=m["num_classes"], T=m["T"], **m["kwargs"])
+    model = from_dict(ModelConfig, blob["model"]).build()
     model.load_state_dict(blob["state_dict"])
     return model, blob
 

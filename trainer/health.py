@@ -3,15 +3,21 @@
 Each rank keeps a device flag per step (a NaN or inf loss in any micro-batch; non-finite gradients where
 the rank holds them) and the flags of all ranks are combined by one all-reduce per optimizer step, before
 DeepSpeed applies the update. Weights are checked (once, collectively) before every checkpoint save, so a
-checkpoint on disk is always finite. What the trainer then does is `engine.nonfinite` (trainer.trainer).
+checkpoint on disk is always finite. `NonFiniteGuard` makes both checks and returns a `Verdict` from
+`engine.nonfinite`: go on, skip the step, stop, or roll back to a checkpoint; the trainer acts on it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 POLICIES = ("rollback", "skip", "stop")
+GO, SKIP, STOP, ROLLBACK = "go", "skip", "stop", "rollback"
 
 
 class NonFiniteError(RuntimeError):
@@ -43,3 +49,98 @@ def weights_finite(module) -> bool:
     tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
     bad = torch.stack([(~t.isfinite()).any() for t in tensors]).any().float().reshape(1)
     return not ranks_flagged(bad)[0]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str
+    """GO, SKIP (the step was made without an update), STOP (raise NonFiniteError(message)) or ROLLBACK
+    (to `target`)."""
+    what: str = ""
+    """What was found, for people: 'non-finite loss on rank(s) [1] at step 11'."""
+    message: str = ""
+    target: Path | None = None
+    logged: bool = True
+    """Whether the finding is logged as a health event before acting on it."""
+
+
+class NonFiniteGuard:
+    """Collective checks of each optimizer step and of the weights before a save, and what `engine.nonfinite`
+    makes of a finding. `state`: the loop state, whose `nonfinite_steps` it counts and whose `rollbacks` it
+    reads; `newest`: the newest finite checkpoint (the rollback target), or None."""
+
+    def __init__(self, engine_cfg, engine, device: torch.device, state, newest: Callable[[], Path | None]):
+        self.cfg, self.engine, self.device, self.state, self.newest = engine_cfg, engine, device, state, newest
+
+    def step(self, bad_loss: torch.Tensor) -> Verdict:
+        """The accumulation boundary: find (collectively) whether this step is finite, then let DeepSpeed
+        apply it, or make it a step without update and return what engine.nonfinite says."""
+        engine, zero = self.engine, self.cfg.zero_stage
+        # fp16's loss scaler expects and handles overflowing gradients itself; only its loss counts here.
+        check_grads = self.cfg.precision != "fp16"
+        grads_ok = grads_finite(engine.module.parameters(), self.device) if check_grads else bad_loss == 0
+        loss_ranks, grad_ranks = ranks_flagged(torch.stack([bad_loss, (~grads_ok).float()]))
+        bad = bool(loss_ranks or grad_ranks)
+        if not bad:
+            engine.step()
+            if zero > 0 and check_grads and not engine._step_applied:
+                # ZeRO's own norm check (fp32) dropped it: gradients this rank could not see were non-finite.
+                bad, grad_ranks = True, list(range(dist.get_world_size()))
+        elif zero == 0:
+            # SGD leaves parameters without a gradient untouched (no momentum or weight decay either), and
+            # DeepSpeed steps the lr schedule as usual.
+            for param in engine.module.parameters():
+                param.grad = None
+            engine.step()
+        else:
+            self._zero_step_as_overflow()
+            if engine._step_applied:
+                raise RuntimeError("DeepSpeed applied an optimizer step that was found non-finite")
+        if not bad:
+            return Verdict(GO)
+        if not engine._step_applied and engine.lr_scheduler is not None:
+            engine.lr_scheduler.step()  # a dropped step still counts in the schedule, as at ZeRO-0
+        what = "loss" if loss_ranks else "gradients"
+        return self._verdict(f"non-finite {what} on rank(s) {loss_ranks or grad_ranks} at step {self.state.step + 1}")
+
+    def weights(self, module) -> Verdict:
+        """Collective, before a save: a step with finite loss and gradients can still overflow the weights.
+        Non-finite weights are never written, so the checkpoints on disk (and the ones pruning keeps) are
+        all finite."""
+        if weights_finite(module):
+            return Verdict(GO)
+        what = f"non-finite weights after step {self.state.step}"
+        if self.cfg.nonfinite == SKIP:
+            self.state.nonfinite_steps += 1
+            return Verdict(STOP, what, f"{what} (finite loss and gradients overflowed them); "
+                                       "engine.nonfinite=skip cannot undo an applied update", logged=False)
+        return self._verdict(what)
+
+    def _verdict(self, what: str) -> Verdict:
+        self.state.nonfinite_steps += 1
+        policy, newest = self.cfg.nonfinite, self.newest()
+        if policy == SKIP:
+            return Verdict(SKIP, what)
+        if policy == STOP:
+            return Verdict(STOP, what, f"{what}; engine.nonfinite=stop. The newest checkpoint "
+                                       f"({newest or 'none yet'}) is finite.")
+        if newest is None or self.state.rollbacks >= self.cfg.max_rollbacks:
+            why = ("no checkpoint to roll back to yet" if newest is None else
+                   f"{self.state.rollbacks} rollback(s) done, engine.max_rollbacks={self.cfg.max_rollbacks}")
+            return Verdict(STOP, what, f"{what}; {why}. Lower optim.lr or raise optim.grad_clip; the newest "
+                                       f"checkpoint ({newest or 'none'}) is finite.")
+        return Verdict(ROLLBACK, what, target=newest)
+
+    def _zero_step_as_overflow(self) -> None:
+        """ZeRO >= 1 holds the gradients in its partitions: take its own overflow path for this step (free
+        the gradients, no update), as it does for an fp16 overflow. Its check would not fire for fp32 and
+        bf16, so it is made to report one; every rank gets here together (the decision was collective)."""
+        zero = self.engine.optimizer
+        was = zero.check_grad_overflow
+        zero.check_grad_overflow = True
+        zero.check_overflow = lambda partition_gradients=True: setattr(zero, "overflow", True)
+        try:
+            self.engine.step()
+        finally:
+            del zero.check_overflow
+            zero.check_grad_overflow = was

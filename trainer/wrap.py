@@ -120,10 +120,11 @@ def _checkpoint_segment(blocks: list[nn.Module], x: torch.Tensor) -> torch.Tenso
     return checkpoint(run, x, use_reentrant=False)
 
 
-def _forward_with_checkpoints(model: SpikingNetwork, x: torch.Tensor, plan: tuple) -> torch.Tensor:
+def _forward_with_checkpoints(model: SpikingNetwork, x: torch.Tensor, segments: tuple) -> torch.Tensor:
+    """`segments`: (first block, block after the last, checkpointed?) of each run of consecutive blocks."""
     h = model.stem_forward(x)
     recompute = model.training and torch.is_grad_enabled()
-    for start, stop, checkpointed in plan:
+    for start, stop, checkpointed in segments:
         blocks = [model.blocks[i] for i in range(start, stop)]
         if checkpointed and recompute:
             h = _checkpoint_segment(blocks, h)
@@ -146,12 +147,12 @@ def apply_activation_checkpointing(model: SpikingNetwork, every: int, segment: i
     if every <= 0:
         return 0
     if segment < 1:
-        raise ValueError(f"engine.checkpoint_segment must be >= 1, got {segment}")
+        raise ValueError(f"engine.activation_checkpointing_segment must be >= 1, got {segment}")
     n = len(model.blocks)
-    plan = tuple((i, min(i + segment, n), (i // segment) % every == 0) for i in range(0, n, segment))
+    segments = tuple((i, min(i + segment, n), (i // segment) % every == 0) for i in range(0, n, segment))
     # A method bound to the model, so that copy.deepcopy(model) rebinds it to the copy.
-    model.forward = types.MethodType(functools.partial(_forward_with_checkpoints, plan=plan), model)
-    return sum(stop - start for start, stop, checkpointed in plan if checkpointed)
+    model.forward = types.MethodType(functools.partial(_forward_with_checkpoints, segments=segments), model)
+    return sum(stop - start for start, stop, checkpointed in segments if checkpointed)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int, steps_per_epoch: int):
@@ -180,7 +181,8 @@ def wrap(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], plan: Ba
     world = dist.get_world_size() if dist.is_initialized() else 1
     if cfg.engine.sync_bn and world > 1:
         model = convert_sync_batchnorm(model, on_gpu)
-    apply_activation_checkpointing(model, cfg.engine.activation_checkpointing, cfg.engine.checkpoint_segment)
+    apply_activation_checkpointing(model, cfg.engine.activation_checkpointing,
+                                   cfg.engine.activation_checkpointing_segment)
     if on_gpu:
         model = model.cuda()
     if cfg.engine.compile:
