@@ -44,7 +44,7 @@ CPU = dict(res=32, T=2, steps=1, warmup=1, calib_res=32, lif_batch=2, grow=2.0, 
 
 
 def engine_row(name: str, setting: str, batch: int, p: dict, device: torch.device) -> dict:
-    from trainer.batch_plan import batch_plan
+    from trainer.batch_setting import batch_setting
     from trainer.config import apply_overrides
     from trainer.deepspeed_config import deepspeed_config
     from trainer.precision import autocast, weights_dtype
@@ -60,8 +60,8 @@ def engine_row(name: str, setting: str, batch: int, p: dict, device: torch.devic
     before = _settle(device)
     torch.manual_seed(0)
     model = cfg.model.build()
-    plan = batch_plan(cfg.optim, cfg.data.batch_size, 1)
-    engine = wrap(model, cfg, deepspeed_config(cfg, plan, on_gpu), plan, 100, 100, on_gpu=on_gpu)
+    one_rank = batch_setting(cfg.optim, cfg.data.batch_size, 1)
+    engine = wrap(model, cfg, deepspeed_config(cfg, one_rank, on_gpu), one_rank, 100, 100, on_gpu=on_gpu)
     x = torch.randn(batch, 3, p["res"], p["res"], device=device)
     y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
 

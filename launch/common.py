@@ -35,7 +35,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from dataloaders.datasets import get_dataset
 from dataloaders.manifest import is_remote, manifest_rel
-from trainer.batch_plan import BatchPlan, batch_plan
+from trainer.batch_setting import BatchSetting, batch_setting
 from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import process_group_backend
@@ -135,19 +135,19 @@ def build_config(args: argparse.Namespace, datasets: tuple[str, ...]) -> TrainCo
     return cfg
 
 
-def check_batch(cfg: TrainConfig, world: int, on_gpu: bool | None = None) -> BatchPlan:
-    """The trainer's own batch plan (trainer/batch_plan.py), made before any worker is requested; with
+def check_batch(cfg: TrainConfig, world: int, on_gpu: bool | None = None) -> BatchSetting:
+    """The trainer's own batch setting (trainer/batch_setting.py), made before any worker is requested; with
     `on_gpu` known, the DeepSpeed config the workers will build from it is checked too."""
     try:
-        plan = batch_plan(cfg.optim, cfg.data.batch_size, world)
+        batch = batch_setting(cfg.optim, cfg.data.batch_size, world)
     except ValueError as e:
         raise LaunchError(f"{e}. --nodes and --gpus-per-node set the number of ranks.") from None
     if on_gpu is not None:
         try:
-            deepspeed_config(cfg, plan, on_gpu)
+            deepspeed_config(cfg, batch, on_gpu)
         except (OSError, ValueError) as e:
             raise LaunchError(str(e)) from None
-    return plan
+    return batch
 
 
 def dry_run(args: argparse.Namespace, datasets: tuple[str, ...]) -> dict:
@@ -156,12 +156,12 @@ def dry_run(args: argparse.Namespace, datasets: tuple[str, ...]) -> dict:
         raise LaunchError("--dry-run needs --gpus-per-node (0 = one CPU worker per node): without a cluster "
                           "the number of ranks is not known")
     cfg = build_config(args, datasets)
-    plan = check_batch(cfg, args.nodes * max(args.gpus_per_node, 1), on_gpu=args.gpus_per_node > 0)
-    return {"recipe": cfg.recipe, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, **plan.to_dict(),
+    batch = check_batch(cfg, args.nodes * max(args.gpus_per_node, 1), on_gpu=args.gpus_per_node > 0)
+    return {"recipe": cfg.recipe, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, **batch.to_dict(),
             "data": cfg.data.path, "run_dir": cfg.run_dir, "precision": cfg.engine.precision}
 
 
-def plan_workers(args: argparse.Namespace, cfg: TrainConfig, nodes: list[dict]) -> ScalingConfig:
+def scaling_config(args: argparse.Namespace, cfg: TrainConfig, nodes: list[dict]) -> ScalingConfig:
     """Check the request against the alive nodes (`ray.nodes()`) and the batch arithmetic of every world
     size the elastic group may shrink to."""
     if not 1 <= args.min_nodes <= args.nodes:
@@ -271,9 +271,9 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
     if args.gpus_per_node is not None:  # the world size is known without asking the cluster
         check_batch(cfg, args.nodes * max(args.gpus_per_node, 1))
     ray.init(runtime_env=_runtime_env())
-    scaling = plan_workers(args, cfg, ray.nodes())
-    plan = check_batch(cfg, scaling.max_workers, on_gpu=scaling.use_gpu)
-    print(f"[launch] plan {json.dumps(plan.to_dict())}", flush=True)
+    scaling = scaling_config(args, cfg, ray.nodes())
+    batch = check_batch(cfg, scaling.max_workers, on_gpu=scaling.use_gpu)
+    print(f"[launch] plan {json.dumps(batch.to_dict())}", flush=True)
     if args.no_resume and (aside := set_aside(Path(cfg.run_dir))):
         print(f"[launch] --no-resume: moved the earlier run to {aside}", flush=True)
     kind = "GPU" if scaling.use_gpu else "CPU"

@@ -22,7 +22,7 @@ import pytest
 from ray.job_submission import JobStatus
 
 from cluster.local import LocalCluster, _alive, _kill_groups
-from launch.common import LaunchError, plan_workers, workers_that_fit
+from launch.common import LaunchError, scaling_config, workers_that_fit
 from tests.cluster_fixtures import digits_wds, local_cluster, local_sh
 from trainer.checkpoint import find_resume_checkpoint, read_meta
 from trainer.recipes import get_recipe
@@ -50,30 +50,30 @@ def args(nodes: int, min_nodes: int = 1, gpus: int | None = None) -> argparse.Na
 
 def test_worker_group_is_elastic_down_to_min_nodes():
     cfg = get_recipe("digits_tiny")  # global batch 32, micro-batch 16: 1 or 2 ranks
-    elastic = plan_workers(args(2), cfg, [node(0), node(), node()])
+    elastic = scaling_config(args(2), cfg, [node(0), node(), node()])
     assert elastic.num_workers == (1, 2) and elastic.resources_per_worker == {"CPU": 1}
     assert elastic.placement_strategy == "STRICT_SPREAD"
-    assert plan_workers(args(2, min_nodes=2), cfg, [node(), node()]).num_workers == 2
+    assert scaling_config(args(2, min_nodes=2), cfg, [node(), node()]).num_workers == 2
     cfg.optim.global_batch = 64  # 16 x 4 ranks on 2 nodes, 16 x 2 x accum 2 on 1
-    gpu = plan_workers(args(2), cfg, [node(0), node(8, 2), node(8, 2)])
+    gpu = scaling_config(args(2), cfg, [node(0), node(8, 2), node(8, 2)])
     assert gpu.num_workers == (2, 4) and gpu.resources_per_worker == {"GPU": 1, "CPU": 4}
 
 
 def test_min_nodes_out_of_range_or_a_shrunk_world_the_batch_cannot_split_is_refused():
     cfg = get_recipe("digits_tiny")
     with pytest.raises(LaunchError, match="--min-nodes must be between 1 and --nodes 2, got 3"):
-        plan_workers(args(2, min_nodes=3), cfg, [node(), node()])
+        scaling_config(args(2, min_nodes=3), cfg, [node(), node()])
     cfg.optim.global_batch, cfg.data.batch_size = 32, 8  # 4 ranks x 8 = 32, but 3 ranks cannot split 32
-    assert plan_workers(args(4), cfg, [node()] * 4).num_workers == (1, 4)  # "scale" re-plans on 3
+    assert scaling_config(args(4), cfg, [node()] * 4).num_workers == (1, 4)  # "scale" re-plans on 3
     cfg.optim.batch_policy = "fixed"
     with pytest.raises(LaunchError, match="--min-nodes 1 lets a node loss shrink the run to 3 node"):
-        plan_workers(args(4), cfg, [node()] * 4)
-    assert plan_workers(args(4, min_nodes=4), cfg, [node()] * 4).num_workers == 4
+        scaling_config(args(4), cfg, [node()] * 4)
+    assert scaling_config(args(4, min_nodes=4), cfg, [node()] * 4).num_workers == 4
 
 
 def test_workers_that_fit_counts_alive_nodes_like_rays_elastic_policy():
     cfg = get_recipe("digits_tiny")
-    scaling = plan_workers(args(2), cfg, [node(2), node(2)])  # 2 CPUs per worker
+    scaling = scaling_config(args(2), cfg, [node(2), node(2)])  # 2 CPUs per worker
     assert workers_that_fit(scaling, [node(0), node(2), node(2)]) == 2
     assert workers_that_fit(scaling, [node(2), node(2, alive=False)]) == 1
     assert workers_that_fit(scaling, [node(1), node(5)]) == 2  # 5 // 2 on one node; 1 CPU holds none

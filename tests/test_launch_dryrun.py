@@ -1,4 +1,4 @@
-"""The batch plan (trainer/batch_plan.py) and the launchers' --dry-run, for every recipe and cluster shape.
+"""The batch plan (trainer/batch_setting.py) and the launchers' --dry-run, for every recipe and cluster shape.
 
 No cluster is started: --dry-run resolves the recipe, overrides, data path and plan from the flags alone.
 The data path is a URL, which the launchers take without looking (a cluster's storage is not here).
@@ -15,7 +15,7 @@ import ray
 
 from launch import cifar10, cifar10dvs, imagenet
 from launch.common import ROOT, check_batch
-from trainer.batch_plan import batch_plan
+from trainer.batch_setting import batch_setting
 from trainer.config import apply_overrides
 from trainer.deepspeed_config import deepspeed_config
 from trainer.recipes import get_recipe, list_recipes
@@ -88,30 +88,30 @@ def test_fixed_policy_pins_the_global_batch_and_lr():
     cfg = get_recipe("ms_resnet18_imagenet")
     apply_overrides(cfg, ["optim.batch_policy=fixed"])
     for world, micro, accum in ((1, 32, 8), (8, 32, 1), (32, 8, 1), (128, 2, 1)):
-        plan = batch_plan(cfg.optim, cfg.data.batch_size, world)
+        plan = batch_setting(cfg.optim, cfg.data.batch_size, world)
         assert (plan.micro_batch, plan.grad_accumulation, plan.global_batch, plan.lr) == (micro, accum, 256, 0.1)
     with pytest.raises(ValueError, match="cannot be split over 3 ranks"):
-        batch_plan(cfg.optim, 32, 3)
+        batch_setting(cfg.optim, 32, 3)
     with pytest.raises(ValueError, match="batch_policy must be one of scale, fixed"):
         apply_overrides(cfg, ["optim.batch_policy=grow"])
-        batch_plan(cfg.optim, 32, 8)
+        batch_setting(cfg.optim, 32, 8)
 
 
 def test_a_resumed_run_keeps_its_global_batch():
     cfg = get_recipe("ms_resnet18_imagenet")
-    started = batch_plan(cfg.optim, 32, 32)  # 1024 at lr 0.4
-    fewer = batch_plan(cfg.optim, 32, 8, started_at=started.global_batch)  # after losing 3 nodes: same step
+    started = batch_setting(cfg.optim, 32, 32)  # 1024 at lr 0.4
+    fewer = batch_setting(cfg.optim, 32, 8, started_at=started.global_batch)  # after losing 3 nodes: same step
     assert (fewer.micro_batch, fewer.grad_accumulation, fewer.global_batch, fewer.lr, fewer.warmup_epochs) == \
         (32, 4, 1024, pytest.approx(0.4), 5.0)
-    assert fewer.policy == "scale" and batch_plan(cfg.optim, 32, 32, started_at=1024) == started
+    assert fewer.policy == "scale" and batch_setting(cfg.optim, 32, 32, started_at=1024) == started
     # 4 x 8 GPUs less one node: 1024 cannot be split over 24 ranks; "scale" goes on with whole rounds.
-    shrunk = batch_plan(cfg.optim, 32, 24, started_at=1024)
+    shrunk = batch_setting(cfg.optim, 32, 24, started_at=1024)
     assert (shrunk.micro_batch, shrunk.grad_accumulation, shrunk.global_batch, shrunk.lr) == \
         (32, 1, 768, pytest.approx(0.3))
     apply_overrides(cfg, ["optim.batch_policy=fixed"])
-    assert batch_plan(cfg.optim, 32, 64, started_at=256) == batch_plan(cfg.optim, 32, 64)
+    assert batch_setting(cfg.optim, 32, 64, started_at=256) == batch_setting(cfg.optim, 32, 64)
     with pytest.raises(ValueError, match="global batch of 256 cannot be split over 3 ranks"):
-        batch_plan(cfg.optim, 32, 3, started_at=256)
+        batch_setting(cfg.optim, 32, 3, started_at=256)
 
 
 def test_dry_run_errors_are_one_line_and_exit_2(capsys):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from trainer.batch_plan import batch_plan
+from trainer.batch_setting import batch_setting
 from trainer.config import TrainConfig, apply_overrides, load_config, save_config, to_dict
 from trainer.deepspeed_config import deepspeed_config
 from trainer.recipes import get_recipe, list_recipes
@@ -86,15 +86,15 @@ def test_config_round_trip(tmp_path, suffix):
 
 def test_global_batch_is_kept_and_accumulation_absorbs_world_size():
     cfg = get_recipe("ms_resnet18_imagenet")
-    assert [batch_plan(cfg.optim, 32, w).grad_accumulation for w in (8, 4, 1)] == [1, 2, 8]
+    assert [batch_setting(cfg.optim, 32, w).grad_accumulation for w in (8, 4, 1)] == [1, 2, 8]
     for world in (1, 2, 4, 8):
-        ds = deepspeed_config(cfg, batch_plan(cfg.optim, cfg.data.batch_size, world), on_gpu=False)
+        ds = deepspeed_config(cfg, batch_setting(cfg.optim, cfg.data.batch_size, world), on_gpu=False)
         assert ds["train_batch_size"] == 256
         assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == 256
 
 
 def plan2(cfg):
-    return batch_plan(cfg.optim, cfg.data.batch_size, 2)
+    return batch_setting(cfg.optim, cfg.data.batch_size, 2)
 
 
 def test_precision_policy_in_the_deepspeed_json():

@@ -66,7 +66,7 @@ class CheckpointMeta:
     grad_accumulation: int
     config: dict[str, Any]
     global_batch: int
-    """Images per optimizer step when this was saved, which a resume keeps (trainer/batch_plan.py)."""
+    """Images per optimizer step when this was saved, which a resume keeps (trainer/batch_setting.py)."""
     best_metric_here: float | None = None
     """The validation top-1 measured at this step, if any: what `keep_best` ranks checkpoints by."""
     metrics: dict[str, float] = field(default_factory=dict)

@@ -42,7 +42,7 @@ class ModelConfig:
 class OptimConfig:
     global_batch: int = 256
     """The recipe's images per optimizer step summed over all ranks, at which `lr` is given. How the run's
-    actual global batch follows from the world size: `batch_policy` (trainer/batch_plan.py)."""
+    actual global batch follows from the world size: `batch_policy` (trainer/batch_setting.py)."""
     lr: float = 0.1
     """Peak learning rate at `global_batch`; the "scale" policy scales it linearly with the global batch."""
     batch_policy: str = "scale"

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.batch_plan import BatchPlan
+from trainer.batch_setting import BatchSetting
 from trainer.config import TrainConfig
 
 
-def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed config for this run; the batch sizes are the plan's (trainer/batch_plan.py). Precision policy:
+def deepspeed_config(cfg: TrainConfig, batch: BatchSetting, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed config for this run; the batch sizes are `batch`'s (trainer/batch_setting.py). Precision policy:
 
     - bf16: the engine stays fp32 (master weights, BN buffers, optimizer) and the trainer autocasts the
       forward pass to bf16. DeepSpeed's own "bf16" block casts the parameters but not the BatchNorm
@@ -29,9 +29,9 @@ def deepspeed_config(cfg: TrainConfig, plan: BatchPlan, on_gpu: bool) -> dict[st
         raise ValueError(f"engine.zero_stage must be 0, 1 or 2, got {cfg.engine.zero_stage}")
 
     ds: dict[str, Any] = {
-        "train_batch_size": plan.global_batch,
-        "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.grad_accumulation,
+        "train_batch_size": batch.global_batch,
+        "train_micro_batch_size_per_gpu": batch.micro_batch,
+        "gradient_accumulation_steps": batch.grad_accumulation,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         # Our optimizer is torch's SGD, which DeepSpeed has not whitelisted for ZeRO.

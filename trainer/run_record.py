@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from trainer.batch_plan import BatchPlan
+from trainer.batch_setting import BatchSetting
 from trainer.config import TrainConfig, save_config, to_dict
 from trainer.set_aside import set_aside
 
@@ -56,15 +56,15 @@ def source_tags(resumed_from: Path | None) -> dict[str, str]:
             "resumed_from": str(resumed_from) if resumed_from else ""}
 
 
-def flat_params(cfg: TrainConfig, plan: BatchPlan) -> dict[str, Any]:
+def flat_params(cfg: TrainConfig, batch: BatchSetting) -> dict[str, Any]:
     """~50 headline hyper-parameters as flat MLflow params; the full config goes in as an artifact."""
     flat: dict[str, Any] = {}
     for section in ("model", "data", "optim", "engine"):
         for k, v in to_dict(getattr(cfg, section)).items():
             flat[f"{section}.{k}"] = json.dumps(v) if isinstance(v, dict | list) else v
     flat.update({"recipe": cfg.recipe, "checkpoint.every_steps": cfg.checkpoint.every_steps,
-                 "derived.grad_accumulation": plan.grad_accumulation, "derived.world_size_at_start": plan.world_size,
-                 **plan.params()})
+                 "derived.grad_accumulation": batch.grad_accumulation, "derived.world_size_at_start": batch.world_size,
+                 **batch.params()})
     return flat
 
 
@@ -126,7 +126,7 @@ class RunRecord:
 
     def __init__(self, cfg: TrainConfig, rank: int, run: dict[str, Any], resumed_from: Path | None,
                  mlflow_run_id: str | None):
-        """`run`: the facts the start line and the MLflow tags name (world, device, plan, ds_config,
+        """`run`: the facts the start line and the MLflow tags name (world, device, batch, ds_config,
         steps_per_epoch, total_steps)."""
         self.cfg, self.run_dir, self.on = cfg, cfg.resolved_run_dir(), rank == 0
         self.total, self.steps_per_epoch = run["total_steps"], run["steps_per_epoch"]
@@ -136,19 +136,19 @@ class RunRecord:
         if resumed_from is None:  # a fresh start's steps are not those of an earlier attempt
             set_aside(self.run_dir / "metrics.jsonl")
         self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
-        self._write_files(run["ds_config"], run["plan"])
+        self._write_files(run["ds_config"], run["batch"])
         if cfg.mlflow.enabled:
             self._start_mlflow(run, resumed_from, mlflow_run_id)
-        plan, start = run["plan"], f"resuming from {resumed_from}" if resumed_from else "fresh start"
-        print(f"[trainer] {cfg.resolved_run_name()}: world {run['world']} x micro {plan.micro_batch} x accum "
-              f"{plan.grad_accumulation} = {plan.global_batch} at lr {plan.lr:g} ({plan.policy} policy); "
+        batch, start = run["batch"], f"resuming from {resumed_from}" if resumed_from else "fresh start"
+        print(f"[trainer] {cfg.resolved_run_name()}: world {run['world']} x micro {batch.micro_batch} x accum "
+              f"{batch.grad_accumulation} = {batch.global_batch} at lr {batch.lr:g} ({batch.policy} policy); "
               f"{self.steps_per_epoch} steps/epoch, {self.total} steps; {start}", flush=True)
 
-    def _write_files(self, ds_config: dict[str, Any], plan: BatchPlan) -> None:
+    def _write_files(self, ds_config: dict[str, Any], batch: BatchSetting) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        (self.run_dir / "batch_plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        (self.run_dir / "batch_plan.json").write_text(json.dumps(batch.to_dict(), indent=2))
 
     def _start_mlflow(self, run: dict[str, Any], resumed_from: Path | None, run_id: str | None) -> None:
         import deepspeed
@@ -159,7 +159,7 @@ class RunRecord:
         cfg = self.cfg
         self.logger = MlflowLogger(cfg.mlflow, cfg.mlflow.experiment or cfg.recipe or cfg.model.name,
                                    cfg.resolved_run_name(), run_id, self.run_dir / "mlflow_unsent.json")
-        self.logger.log_params(flat_params(cfg, run["plan"]))
+        self.logger.log_params(flat_params(cfg, run["batch"]))
         self.logger.set_tags({**source_tags(resumed_from), "world_size": run["world"], "device": run["device"],
                               "torch": torch.__version__, "deepspeed": deepspeed.__version__, "recipe": cfg.recipe})
         for name in ("config.yaml", "ds_config.json", "batch_plan.json"):

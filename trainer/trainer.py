@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dataloaders import build_loader
 from models.grad_norms import BlockGradNorms
-from trainer.batch_plan import BatchPlan, batch_plan
+from trainer.batch_setting import BatchSetting, batch_setting
 from trainer.checkpoint import CheckpointManager
 from trainer.config import TrainConfig, to_dict
 from trainer.deepspeed_config import deepspeed_config
@@ -57,11 +57,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.resolved_run_dir() / "checkpoints",
                                              cfg.engine.zero_stage)
         self.resumed_from = self.checkpoints.resume_point
-        self.plan = self._batch_plan(self.checkpoints.started_global_batch())
-        self.accum = self.plan.grad_accumulation
-        ds_config = deepspeed_config(cfg, self.plan, self.device.type == "cuda")
+        self.batch = self._batch_setting(self.checkpoints.started_global_batch())
+        self.accum = self.batch.grad_accumulation
+        ds_config = deepspeed_config(cfg, self.batch, self.device.type == "cuda")
 
-        data = dataclasses.replace(cfg.data, batch_size=self.plan.micro_batch)
+        data = dataclasses.replace(cfg.data, batch_size=self.batch.micro_batch)
         self.train_loader = build_loader(data, "train", self.rank, self.world)
         self.val_loader = build_loader(data, "val", self.rank, self.world)
         if not cfg.model.num_classes:  # the recipe leaves the head to the data set (`folder`)
@@ -73,7 +73,7 @@ class Trainer:
                              f"{self.accum} one optimizer step needs; lower optim.global_batch or use more data")
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
         self.end = min(self.total_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else self.total_steps
-        self.engine = wrap(cfg.model.build(), cfg, ds_config, self.plan, self.total_steps, self.steps_per_epoch,
+        self.engine = wrap(cfg.model.build(), cfg, ds_config, self.batch, self.total_steps, self.steps_per_epoch,
                            self.device.type == "cuda")
         self.input_dtype = weights_dtype(self.engine.module)
         seed_all(rank_seed(cfg.engine.seed, self.rank))  # a distinct stream per rank; checkpointed per rank
@@ -81,7 +81,7 @@ class Trainer:
         self.state = LoopState()
         self.checkpoints.track(self.engine, self.train_loader, self.state, dict(
             world_size=self.world, zero_stage=cfg.engine.zero_stage, precision=cfg.engine.precision,
-            grad_accumulation=self.accum, config=to_dict(cfg), global_batch=self.plan.global_batch))
+            grad_accumulation=self.accum, config=to_dict(cfg), global_batch=self.batch.global_batch))
         if self.resumed_from is not None:
             self.restore(self.resumed_from)
         self.guard = NonFiniteGuard(cfg.engine, self.engine, self.device, self.state, self.checkpoints.newest)
@@ -92,7 +92,7 @@ class Trainer:
         self._skipped = False  # whether the last step was dropped as non-finite
         self.grad_norms = BlockGradNorms(self.engine)  # hooks only inside `with`, on logging steps' last micro-batch
         self.record = RunRecord(cfg, self.rank, dict(
-            world=self.world, device=self.device.type, plan=self.plan, ds_config=ds_config,
+            world=self.world, device=self.device.type, batch=self.batch, ds_config=ds_config,
             steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps), self.resumed_from,
             self.state.mlflow_run_id)
 
@@ -222,10 +222,10 @@ class Trainer:
 
     def log_train(self) -> None:
         s, engine = self.state, self.engine
-        m = {**self.window.metrics(self.plan.global_batch), "optim/lr": engine.get_lr()[0],
+        m = {**self.window.metrics(self.batch.global_batch), "optim/lr": engine.get_lr()[0],
              "health/nonfinite_steps": s.nonfinite_steps, "health/rollbacks": s.rollbacks,
              "memory/peak_gib": peak_memory_gib(self.device), "progress/epoch": s.epoch,
-             "progress/images_seen": s.step * self.plan.global_batch}
+             "progress/images_seen": s.step * self.batch.global_batch}
         if self.cfg.engine.precision == "fp16":
             m.update(loss_scale_metrics(engine.optimizer, engine.skipped_steps))
         # DeepSpeed divides each micro-batch loss by `accum` (and multiplies by the fp16 loss scale).
@@ -275,11 +275,11 @@ class Trainer:
         dist.barrier()
         return result
 
-    def _batch_plan(self, started_at: int | None) -> BatchPlan:
-        """The recipe's plan for this world size; a resumed run keeps the global batch it started with."""
-        plan = batch_plan(self.cfg.optim, self.cfg.data.batch_size, self.world, started_at)
-        if started_at is not None and plan.global_batch != started_at and self.rank == 0:
+    def _batch_setting(self, started_at: int | None) -> BatchSetting:
+        """The recipe's setting for this world size; a resumed run keeps the global batch it started with."""
+        batch = batch_setting(self.cfg.optim, self.cfg.data.batch_size, self.world, started_at)
+        if started_at is not None and batch.global_batch != started_at and self.rank == 0:
             print(f"[trainer] warning: this run trained with a global batch of {started_at}, which {self.world} "
-                  f"ranks cannot split: it goes on with {plan.global_batch} at lr {plan.lr:g} "
+                  f"ranks cannot split: it goes on with {batch.global_batch} at lr {batch.lr:g} "
                   "(optim.batch_policy=scale), so the resume is not exact", flush=True)
-        return plan
+        return batch

@@ -23,7 +23,7 @@ from torch.distributed import _functional_collectives as funcol
 from torch.utils.checkpoint import checkpoint
 
 from models.protocol import SpikingNetwork
-from trainer.batch_plan import BatchPlan
+from trainer.batch_setting import BatchSetting
 from trainer.config import OptimConfig, TrainConfig
 
 
@@ -176,7 +176,7 @@ def lr_lambda(optim: OptimConfig, total_steps: int, steps_per_epoch: int):
     return factor
 
 
-def wrap(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], plan: BatchPlan, total_steps: int,
+def wrap(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], batch: BatchSetting, total_steps: int,
          steps_per_epoch: int, on_gpu: bool) -> deepspeed.DeepSpeedEngine:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if cfg.engine.sync_bn and world > 1:
@@ -187,7 +187,7 @@ def wrap(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], plan: Ba
         model = model.cuda()
     if cfg.engine.compile:
         model.compile()  # in place: parameter names stay those of the plain model
-    o = dataclasses.replace(cfg.optim, lr=plan.lr, warmup_epochs=plan.warmup_epochs)
+    o = dataclasses.replace(cfg.optim, lr=batch.lr, warmup_epochs=batch.warmup_epochs)
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, total_steps, steps_per_epoch))

@@ -1,7 +1,9 @@
-"""How the micro batch, gradient accumulation, global batch and learning rate follow from the world size.
+"""`BatchSetting`: how the micro batch, gradient accumulation, global batch and learning rate follow from the
+world size.
 
 The one place that decides it: the trainer, the DeepSpeed config and the launchers (and their --dry-run)
-all call `batch_plan`. (`bench/plan.py` is the memory planner, a different question.)
+all call `batch_setting`. (`bench/plan.py` is the memory planner, a different question.) Runs record it as
+`batch_plan.json` and `plan.*` MLflow params, the launchers' --dry-run print it as `plan {json}`.
 
 A recipe states a reference setting: `optim.global_batch` images per optimizer step at peak learning rate
 `optim.lr`, and `data.batch_size` images per rank per micro-step. `optim.batch_policy` turns it into a plan
@@ -40,7 +42,7 @@ POLICIES = ("scale", "fixed")
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSetting:
     world_size: int
     micro_batch: int
     """Images per rank per forward/backward (the loaders' batch size)."""
@@ -59,13 +61,13 @@ class BatchPlan:
         return dataclasses.asdict(self)
 
     def params(self) -> dict[str, Any]:
-        """Flat MLflow params (`plan.*`)."""
+        """Flat MLflow params (`plan.*`, as runs have always logged them)."""
         return {f"plan.{k}": v for k, v in self.to_dict().items()}
 
 
-def batch_plan(optim, micro_batch: int, world: int, started_at: int | None = None) -> BatchPlan:
-    """The plan for `world` ranks from an `OptimConfig` and the recipe's per-rank `data.batch_size`;
-    `started_at`: the global batch of the run being resumed, which the plan then keeps."""
+def batch_setting(optim, micro_batch: int, world: int, started_at: int | None = None) -> BatchSetting:
+    """The setting for `world` ranks from an `OptimConfig` and the recipe's per-rank `data.batch_size`;
+    `started_at`: the global batch of the run being resumed, which the setting then keeps."""
     ref, lr, policy = optim.global_batch, optim.lr, optim.batch_policy
     if world < 1:
         raise ValueError(f"the world size must be >= 1, got {world}")
@@ -78,23 +80,23 @@ def batch_plan(optim, micro_batch: int, world: int, started_at: int | None = Non
     if started_at is None:
         accum = max(1, ref // (micro_batch * world))
         global_batch = micro_batch * world * accum
-        return _scaled(BatchPlan(world, micro_batch, accum, global_batch, 0.0, 0.0, policy, ref, lr), optim)
+        return _scaled(BatchSetting(world, micro_batch, accum, global_batch, 0.0, 0.0, policy, ref, lr), optim)
     try:
-        plan = _split(started_at, micro_batch, world, optim, policy)
+        setting = _split(started_at, micro_batch, world, optim, policy)
     except ValueError:
         if policy == "fixed":
             raise ValueError(f"this run's global batch of {started_at} cannot be split over {world} ranks, so "
                              "it cannot resume exactly here (batch policy 'fixed'); resume on a world size that "
                              "divides it, or start a new run") from None
         # An elastic run that lost a node: going on beats stopping. The largest whole number of rounds that
-        # stays within the run's batch, the lr following it; the trainer reports the changed plan.
+        # stays within the run's batch, the lr following it; the trainer reports the changed setting.
         accum = max(1, started_at // (micro_batch * world))
-        plan = BatchPlan(world, micro_batch, accum, micro_batch * world * accum, 0.0, 0.0, policy,
+        setting = BatchSetting(world, micro_batch, accum, micro_batch * world * accum, 0.0, 0.0, policy,
                          optim.global_batch, optim.lr)
-    return _scaled(plan, optim) if policy == "scale" else plan
+    return _scaled(setting, optim) if policy == "scale" else setting
 
 
-def _split(global_batch: int, micro_batch: int, world: int, optim, policy: str) -> BatchPlan:
+def _split(global_batch: int, micro_batch: int, world: int, optim, policy: str) -> BatchSetting:
     """`global_batch` over `world` ranks: the largest micro batch up to `micro_batch` that divides each
     rank's share, accumulated."""
     if global_batch % world:
@@ -103,13 +105,14 @@ def _split(global_batch: int, micro_batch: int, world: int, optim, policy: str) 
             f"use a world size that divides it, or optim.batch_policy=scale")
     per_rank = global_batch // world
     micro = max(d for d in range(1, min(micro_batch, per_rank) + 1) if per_rank % d == 0)
-    return BatchPlan(world, micro, per_rank // micro, global_batch, optim.lr, optim.warmup_epochs, policy,
+    return BatchSetting(world, micro, per_rank // micro, global_batch, optim.lr, optim.warmup_epochs, policy,
                      optim.global_batch, optim.lr)
 
 
-def _scaled(plan: BatchPlan, optim) -> BatchPlan:
+def _scaled(setting: BatchSetting, optim) -> BatchSetting:
     """Linear lr scaling with the global batch, and the large-batch warm-up once it exceeds the recipe's."""
     warmup = optim.warmup_epochs
-    if plan.global_batch > optim.global_batch:
+    if setting.global_batch > optim.global_batch:
         warmup = max(warmup, optim.scale_warmup_epochs)
-    return dataclasses.replace(plan, lr=optim.lr * plan.global_batch / optim.global_batch, warmup_epochs=warmup)
+    return dataclasses.replace(setting, lr=optim.lr * setting.global_batch / optim.global_batch,
+                               warmup_epochs=warmup)
