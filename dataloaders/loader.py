@@ -120,12 +120,12 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         mine = {"seed": self.plan.seed, "world_size": self.plan.world_size, "access": self.access}
         for key, value in mine.items():
-            if state.get(key, "random") != value:  # states saved before data.access existed are 'random'
-                raise ValueError(f"loader state has {key}={state.get(key, 'random')}, this loader {value}: a "
+            if state[key] != value:
+                raise ValueError(f"loader state has {key}={state[key]}, this loader {value}: a "
                                  "mid-epoch position only means the same thing with the same seed, world size "
                                  "and data.access (start a fresh epoch with set_epoch instead)")
         self.epoch, self.batches_yielded = state["epoch"], state["batches_yielded"]
-        self.decode_errors = state.get("decode_errors", 0)
+        self.decode_errors = state["decode_errors"]
 
     def metrics(self, device=None) -> dict[str, float]:
         """Collective in a process group of several ranks: the counts summed over ranks, reduced on `device`

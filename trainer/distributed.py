@@ -84,8 +84,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available():
         cuda = state.get("cuda")
-        if isinstance(cuda, list | tuple):  # written by the first version: one state per visible device
-            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
         if cuda is None:  # written without a GPU: the CUDA stream keeps the seed `seed_all` gave it
             log.warning("the checkpoint holds no CUDA RNG state for device %d; CUDA random streams (dropout) "
                         "restart from the run's seed", torch.cuda.current_device())
