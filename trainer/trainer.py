@@ -89,7 +89,6 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.evaluated_at = -1
         self.window = TrainWindow(self.device)
-        self._skipped = False  # whether the last step was dropped as non-finite
         self.grad_norms = BlockGradNorms(self.engine)  # hooks only inside `with`, on logging steps' last micro-batch
         self.record = RunRecord(cfg, self.rank, dict(
             world=self.world, device=self.device.type, batch=self.batch, ds_config=ds_config,
@@ -169,9 +168,8 @@ class Trainer:
             raise RuntimeError(f"the training loader ended after {s.epoch_step} of {self.steps_per_epoch} "
                                f"steps of epoch {s.epoch}; its len() promised more batches")
         verdict = self.guard.step(bad_loss)
-        self._skipped = verdict.action != GO
         self._act(verdict, time.perf_counter() - t0, consumed=1)  # may raise (stop) or roll back (RolledBack)
-        if not self._skipped:
+        if verdict.action == GO:  # a skipped step's losses stay out of the window
             for loss, logits, y in seen:
                 self.window.add(loss, logits, y)
         s.step += 1
