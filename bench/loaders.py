@@ -199,7 +199,7 @@ def _ours(cfg: DataConfig):
     return loader, passes
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__.split("\n\n")[0])
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=100)
@@ -207,7 +207,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max-side", type=int, default=512)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench_loaders_"))
     load = [os.getloadavg()[0]]
     try:

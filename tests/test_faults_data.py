@@ -139,7 +139,7 @@ def _gzip_bomb(gib: float) -> bytes:
 def dvs_wds(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("dvs")
     src = synthetic.cifar10_dvs(base / "src", per_class=1, events=600)
-    convert("cifar10-dvs", base / "wds", "wds", src, frames=2, train_fraction=0.0, shard_size=4)
+    convert("cifar10dvs", base / "wds", "wds", src, frames=2, train_fraction=0.0, shard_size=4)
     return base / "wds"
 
 

@@ -1,7 +1,7 @@
 """How the micro batch, gradient accumulation, global batch and learning rate follow from the world size.
 
 The one place that decides it: the trainer, the DeepSpeed config and the launchers (and their --dry-run)
-all call `batch_plan`. (`bench/plan.py` is the memory planner, a different question.)
+all call `batch_plan`. (`bench/max_batch.py` is the memory planner, a different question.)
 
 A recipe states a reference setting: `optim.global_batch` images per optimizer step at peak learning rate
 `optim.lr`, and `data.batch_size` images per rank per micro-step. `optim.batch_policy` turns it into a plan

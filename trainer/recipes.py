@@ -69,7 +69,7 @@ def ms_resnet34_imagenet() -> TrainConfig:
 
 @recipe
 def ms_resnet104_imagenet() -> TrainConfig:
-    # No activation checkpointing: bench.plan (calibrated on CPU) predicts ~219 images x T=6 at 224 px
+    # No activation checkpointing: bench.max_batch (calibrated on CPU) predicts ~219 images x T=6 at 224 px
     # per 80 GB GPU without it, far above the 32 per GPU here; enable it for bigger batches or T.
     return _imagenet(104, 1e-4)
 
@@ -82,7 +82,7 @@ def _cifar(depth: int, dataset: str = "cifar10") -> TrainConfig:
         optim=OptimConfig(global_batch=200, lr=0.2, momentum=0.9, weight_decay=1e-4, epochs=200,
                           schedule="cosine"),
         # Even MS-ResNet-482 needs ~0.14 GiB per 32 px image at T=6 without activation checkpointing
-        # (bench.memory), so 50 per GPU fit without it; bench.plan says when to turn it on.
+        # (bench.memory), so 50 per GPU fit without it; bench.max_batch says when to turn it on.
         engine=EngineConfig(precision="bf16", zero_stage=0, sync_bn=True),
         checkpoint=CheckpointConfig(every_steps=1000, keep_last=3),
         log_every=50,

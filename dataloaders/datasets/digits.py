@@ -14,6 +14,6 @@ def _read(src, opts):
     return digits_splits(opts.size)
 
 
-DATASET = Dataset(name="digits", cli_name="digits", read=_read,
+DATASET = Dataset(name="digits", read=_read,
                   augment=lambda cfg, train, side, cropped: padded_crop(side, flip=False) if train else [],
                   sample_shape=stored_rgb_shape, mean=MEAN, std=STD, needs_src=False)

@@ -35,5 +35,5 @@ def crop_shape(cfg, stored, train: bool) -> tuple[int, ...]:
     return 3, side, side
 
 
-DATASET = Dataset(name="imagenet", cli_name="imagenet", read=_read, augment=_augment, sample_shape=crop_shape,
+DATASET = Dataset(name="imagenet", read=_read, augment=_augment, sample_shape=crop_shape,
                   mean=MEAN, std=STD, decoder_crops=True)

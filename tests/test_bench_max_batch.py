@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.plan import Fit, GiB, parse_setting, search_largest
+from bench.max_batch import Fit, GiB, parse_setting, search_largest
 
 
 def test_planner_settings_and_batch_arithmetic():
