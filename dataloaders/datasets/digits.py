@@ -4,8 +4,7 @@ flip (digits are not mirror-symmetric)."""
 from __future__ import annotations
 
 from dataloaders.datasets import Dataset, padded_crop, stored_rgb_shape
-
-MEAN, STD = (0.2087,) * 3, (0.3081,) * 3
+from dataloaders.digits import MEAN, STD
 
 
 def _read(src, opts):
