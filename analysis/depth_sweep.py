@@ -1,4 +1,4 @@
-"""Degradation study (spec §4.1, §4.3): test accuracy against depth for each family, every model trained
+"""Degradation study (docs/model.md §8.1): test accuracy against depth for each family, every model trained
 by the trainer and every number read back from MLflow.
 
     # the reduced sweep in docs/ (real handwritten digits at 16 px, 2 CPU cores)

@@ -1,4 +1,4 @@
-"""Gradient norm and block dynamical isometry (BDI) of every residual block (spec §4.6).
+"""Gradient norm and block dynamical isometry (BDI) of every residual block (docs/model.md §8.4).
 
     python -m analysis.gradnorm --models ms_resnet20,ms_resnet110,spiking_resnet110 --T 6 --out docs
     python -m analysis.gradnorm --ckpt model.pt --out runs/probe      # a trained model (trainer.export)

@@ -1,4 +1,4 @@
-"""Spikes and energy of a trained model, layer by layer (spec §4.5).
+"""Spikes and energy of a trained model, layer by layer (docs/model.md §8.3).
 
     python -m analysis.spikes runs/NAME/model.pt --dataset digits --size 16 --out docs
 

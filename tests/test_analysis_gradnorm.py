@@ -1,4 +1,4 @@
-"""Block dynamical isometry and gradient norms (spec §4.6): the Hutchinson estimator against the exact
+"""Block dynamical isometry and gradient norms (docs/model.md §8.4): the Hutchinson estimator against the exact
 Jacobian, identity of MS blocks at init, and the depth behaviour of the per-block gradient norm."""
 
 from __future__ import annotations

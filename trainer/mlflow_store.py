@@ -6,5 +6,5 @@ from pathlib import Path
 
 
 def local_store_uri(folder: str | Path) -> str:
-    """An sqlite store in `folder`: MLflow's file store is off by default (stack notes §4)."""
+    """An sqlite store in `folder`: MLflow's file store is off by default (docs/stack.md §4)."""
     return f"sqlite:///{(Path(folder) / 'mlflow.db').resolve()}"

@@ -84,5 +84,5 @@ if __name__ == "__main__":
         sys.stderr.flush()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        # DeepSpeed processes sometimes abort in interpreter teardown (stack notes §2).
+        # DeepSpeed processes sometimes abort in interpreter teardown (docs/stack.md §2).
         os._exit(code)

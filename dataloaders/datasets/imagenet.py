@@ -1,6 +1,6 @@
 """ImageNet-1k from `src/<split>/<wnid>/*.JPEG` folders.
 
-Train follows the authors' recipe (spec §3.1): RandomResizedCrop -> [flip, off by default] -> AutoAugment
+Train follows the authors' recipe (docs/model.md §7): RandomResizedCrop -> [flip, off by default] -> AutoAugment
 (ImageNet policy) -> normalise; eval: resize the short side -> center crop -> normalise. On the FFCV path
 FFCV's decoder does the crop (and flip), so only AutoAugment is left for torchvision.
 """
