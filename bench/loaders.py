@@ -5,13 +5,13 @@
 First every JPEG decoder of `data.decoder`, and the decoders that crop (data.window_decode: decode only the
 RandomResizedCrop's window, deepspike_jpeg; data.reduced_decode: decode at a reduced scale when the crop allows
 it, libjpeg-turbo's scaled DCT through simplejpeg; as probes OpenCV's and PIL's draft mode), decodes the
-stored JPEGs and crops them in one process on one core, against torchvision's decoder (the old default).
+stored JPEGs and crops them in one process on one core, against torchvision's decoder.
 
 Writes an ImageNet-layout folder of real JPEGs with ImageNet-like sizes (long side 300-500 px), converts it
 with `dataloaders.convert` (wds; ffcv jpg; ffcv raw at --max-side), and reads the same images through:
 - torchvision ImageFolder + DataLoader (PIL decode, transforms v2): the baseline
 - the WebDataset path: build_loader(format='wds') as configured by default (window decode), with the
-  whole-image decode of the default decoder and of the old one, with data.reduced_decode, and with
+  whole-image decode of the default decoder and of torchvision's, with data.reduced_decode, and with
   data.access=stream reading the shards from a local HTTP server on 127.0.0.1 (its thread is counted)
 - the FFCV path: build_loader(format='ffcv') on the JPEG and on the raw .beton
 Every path gets the same worker count (worker processes, or FFCV threads) and batch size, one untimed

@@ -47,7 +47,7 @@ class DataConfig:
     cache_dir: str = ""
     """random access: node-local folder for shards fetched from URLs; default ~/.cache/deepspike/shards."""
     decoder: str = "simplejpeg"
-    """wds JPEGs: 'simplejpeg', 'torchvision' (the old default), 'opencv', 'torchcodec' or 'pil'; all give
+    """wds JPEGs: 'simplejpeg', 'torchvision', 'opencv', 'torchcodec' or 'pil'; all give
     the same uint8 RGB pixels up to libjpeg rounding (dataloaders.decoders, measured by bench.loaders). With
     data.window_decode the train crops of ImageNet and folder sets do not use it."""
     window_decode: bool = True
