@@ -234,7 +234,7 @@ def main(argv=None):
             for name, fmt, path, extra in (
                     (WDS, "wds", str(tmp / "wds"), {}),
                     (f"wds random, whole image, {base.decoder}", "wds", str(tmp / "wds"), {"window_decode": False}),
-                    ("wds random, torchvision (old default)", "wds", str(tmp / "wds"),
+                    ("wds random, torchvision", "wds", str(tmp / "wds"),
                      {"window_decode": False, "decoder": "torchvision"}),
                     ("wds stream over HTTP, window decode", "wds", url, {"access": "stream"}),
                     ("wds random, + data.reduced_decode", "wds", str(tmp / "wds"), {"reduced_decode": True}),
