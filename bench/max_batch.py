@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
-    budget = args.gpu_mem * 1e9 - args.sizeerve_gib * GiB
+    budget = args.gpu_mem * 1e9 - args.reserve_gib * GiB
     settings = args.settings.split(",")
     print(f"{args.model}, T={args.T}, {args.size}px, bf16, SGD; budget {budget / GiB:.1f} GiB of "
           f"{args.gpu_mem:g} GB; calibrated on {device} at {args.calib_size}px, batch 1 and 2")
