@@ -1,4 +1,4 @@
-"""Degradation study (spec §4.1, §4.3): test accuracy against depth for each family, every model trained
+"""Degradation study (docs/model.md §8.1): test accuracy against depth for each family, every model trained
 by the trainer and every number read back from MLflow.
 
     # the reduced sweep in docs/ (real handwritten digits at 16 px, 2 CPU cores)
@@ -6,7 +6,7 @@ by the trainer and every number read back from MLflow.
         --epochs 6 --T 2 --jobs 2 --set data.batch_size=32 optim.global_batch=32 optim.lr=0.1 log_every=5 \\
         --out docs
     # the paper's sweep, each run through the Ray launcher on a GPU cluster
-    python -m analysis.depth_sweep --dataset cifar10 --data-path /mnt/shared/cifar10-wds \\
+    python -m analysis.depth_sweep --dataset cifar10 --data /mnt/shared/cifar10-wds \\
         --depths 20,32,44,56,110,482 --families ms,spiking --epochs 200 \\
         --launcher "python launch/cifar10.py --nodes 2" --tracking-uri http://mlflow:5000 --out docs
 
@@ -57,7 +57,7 @@ def recipe_for(dataset: str, depth: int) -> str:
     return "digits_demo" if dataset == "digits" else f"ms_resnet{depth}_cifar10"
 
 
-def plan(args: argparse.Namespace) -> list[Run]:
+def sweep_runs(args: argparse.Namespace) -> list[Run]:
     """The runs, deepest first (so parallel jobs finish together); overrides validated here, not later."""
     from trainer.config import apply_overrides
     from trainer.recipes import get_recipe
@@ -71,7 +71,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
             name = f"{args.dataset}-{family}{depth}-T{T}-e{args.epochs}"
             # The digits demo recipe starts every block non-identity (for speed): undo it, see above.
             overrides = [f"model.name={FAMILIES[family]}{depth}", "model.kwargs={}", f"model.T={T}",
-                         f"optim.epochs={args.epochs}", "optim.max_steps=0", f"data.path={args.data_path}",
+                         f"optim.epochs={args.epochs}", "optim.max_steps=0", f"data.path={args.data}",
                          f"mlflow.experiment={args.experiment}", f"mlflow.tracking_uri={args.tracking_uri}",
                          f"run_dir={Path(args.runs_dir) / name}", "mlflow.system_metrics=false", *args.set]
             apply_overrides(cfg, overrides)
@@ -214,16 +214,15 @@ def _ensure_digits(path: Path, size: int) -> None:
     subprocess.run(cmd, check=True)
 
 
-def main(argv: list[str] | None = None) -> list[Run]:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.depth_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=("digits", "cifar10"), required=True)
     p.add_argument("--depths", default="20,32,56,110", help="comma-separated CIFAR depths (6n+2)")
     p.add_argument("--families", default="ms,spiking,sew", help=f"comma-separated, of {','.join(FAMILIES)}")
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--T", type=int, default=0, help="time steps (default: the recipe's)")
-    p.add_argument("--data-path", help="converted data set (digits: converted here if missing)")
-    p.add_argument("--digits-size", type=int, default=16, help="image side when converting digits")
+    p.add_argument("--data", help="converted data set folder (digits: converted here if missing)")
+    p.add_argument("--size", type=int, default=16, help="digits: image side when converting them")
     p.add_argument("--launcher", default=f"{sys.executable} -m trainer.train",
                    help="command taking --recipe/--set/--run-name (e.g. 'torchrun --nproc_per_node 8 -m "
                         "trainer.train' or 'python launch/cifar10.py --nodes 2')")
@@ -232,9 +231,16 @@ def main(argv: list[str] | None = None) -> list[Run]:
                    help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite in --runs-dir)")
     p.add_argument("--experiment", help="MLflow experiment (default depth_sweep_<dataset>)")
     p.add_argument("--runs-dir", default="runs/depth_sweep", help="trainer run directories and logs")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra trainer overrides")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra trainer overrides (repeatable)")
     p.add_argument("--collect-only", action="store_true", help="only read MLflow and write the outputs")
     p.add_argument("--out", required=True, help="folder for depth_sweep.{csv,md,png}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[Run]:
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
     args = p.parse_args(argv)
 
     from models.registry import CIFAR_DEPTHS
@@ -253,11 +259,11 @@ def main(argv: list[str] | None = None) -> list[Run]:
     runs_dir = Path(args.runs_dir)
     args.experiment = args.experiment or f"depth_sweep_{args.dataset}"
     args.tracking_uri = args.tracking_uri or local_store_uri(runs_dir)
-    if args.data_path is None:
+    if args.data is None:
         if args.dataset != "digits":
-            p.error("--data-path is required for cifar10 (python -m dataloaders.convert cifar10 ...)")
-        args.data_path = str(runs_dir / f"digits{args.digits_size}")
-    runs = plan(args)
+            p.error("--data is required for cifar10 (python -m dataloaders.convert cifar10 ...)")
+        args.data = str(runs_dir / f"digits{args.size}")
+    runs = sweep_runs(args)
 
     import mlflow
 
@@ -273,11 +279,11 @@ def main(argv: list[str] | None = None) -> list[Run]:
         print(f"[sweep] {len(runs)} runs, {len(runs) - len(todo)} already finished in MLflow "
               f"({args.tracking_uri}, experiment {args.experiment})", flush=True)
         if args.dataset == "digits" and todo:
-            _ensure_digits(Path(args.data_path), args.digits_size)
+            _ensure_digits(Path(args.data), args.size)
         codes = train_all(todo, args.launcher, args.jobs, runs_dir / "logs")
     collect(runs, args.tracking_uri, args.experiment, codes)
     recipes = sorted({r.recipe for r in runs})
-    settings = (f"Dataset `{args.dataset}` ({args.data_path}), recipe {', '.join(f'`{r}`' for r in recipes)} "
+    settings = (f"Dataset `{args.dataset}` ({args.data}), recipe {', '.join(f'`{r}`' for r in recipes)} "
                 f"with `{' '.join(runs[0].overrides[1:5])}`"
                 + (f" and `{' '.join(args.set)}`" if args.set else "")
                 + f"; MLflow experiment `{args.experiment}`.")

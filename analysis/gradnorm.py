@@ -1,4 +1,4 @@
-"""Gradient norm and block dynamical isometry (BDI) of every residual block (spec §4.6).
+"""Gradient norm and block dynamical isometry (BDI) of every residual block (docs/model.md §8.4).
 
     python -m analysis.gradnorm --models ms_resnet20,ms_resnet110,spiking_resnet110 --T 6 --out docs
     python -m analysis.gradnorm --ckpt model.pt --out runs/probe      # a trained model (trainer.export)
@@ -124,25 +124,30 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.gradnorm", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="", help="comma-separated registry names, probed at initialisation")
     p.add_argument("--ckpt", action="append", default=[], help="consolidated checkpoint (repeatable)")
     p.add_argument("--T", type=int, help="time steps (default: 6 for --models, the checkpoint's for --ckpt)")
-    p.add_argument("--data", default="digits")
+    p.add_argument("--dataset", default="digits", choices=["digits"], help="the batches' data set")
     p.add_argument("--size", type=int, default=32, help="image side (32 = CIFAR shape)")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--probes", type=int, default=4, help="Hutchinson vectors per block and batch (>= 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help="folder for gradnorm.csv and gradnorm.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = build_parser()
     args = p.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     if not names and not args.ckpt:
         p.error("give --models and/or --ckpt")
     batches = [(x.to(args.device), y.to(args.device))
-               for x, y in real_batches(args.data, args.size, args.batch, args.batches, seed=args.seed)]
+               for x, y in real_batches(args.dataset, args.size, args.batch_size, args.batches, seed=args.seed)]
 
     rows: list[dict] = []
     todo = [(name, "init", None) for name in names] + [(None, Path(c).name, c) for c in args.ckpt]

@@ -1,6 +1,6 @@
-"""Spikes and energy of a trained model, layer by layer (spec §4.5).
+"""Spikes and energy of a trained model, layer by layer (docs/model.md §8.3).
 
-    python -m analysis.spikes runs/NAME/model.pt --data digits --size 16 --out docs
+    python -m analysis.spikes runs/NAME/model.pt --dataset digits --size 16 --out docs
 
 CKPT is what `python -m trainer.export` writes (the trainer also leaves it as <run_dir>/model.pt), or a
 plain torch.save'd {'model': registry name, 'model_kwargs': {...}, 'state_dict': ...}. The model runs in
@@ -98,22 +98,26 @@ def _plot(rows: list[dict], summary: dict[str, float], title: str, path: Path) -
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> tuple[list[dict], dict[str, float]]:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.spikes", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="consolidated checkpoint (python -m trainer.export)")
-    p.add_argument("--data", default="digits")
+    p.add_argument("--dataset", default="digits", choices=["digits"], help="the test images' data set")
     p.add_argument("--size", type=int, default=32, help="image side the model was trained at")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--T", type=int, help="time steps (default: the checkpoint's)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: convolutions under bf16 autocast, as a bf16 run's evaluation does")
     p.add_argument("--out", required=True, help="folder for spikes.csv, spikes.md and spikes.png")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> tuple[list[dict], dict[str, float]]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     name, model = load_checkpoint_model(args.ckpt, T=args.T)
-    batches = real_batches(args.data, args.size, args.batch, split="test")
+    batches = real_batches(args.dataset, args.size, args.batch_size, split="test")
     rows, summary = measure(model, batches, args.precision)
-    title = (f"{name} (T={model.T}, {args.precision}) on {args.data} test "
+    title = (f"{name} (T={model.T}, {args.precision}) on {args.dataset} test "
              f"({sum(len(y) for _, y in batches)} images)")
     write_outputs(rows, summary, title, "python -m analysis.spikes " + shlex.join(argv), Path(args.out))
     for k, v in summary.items():

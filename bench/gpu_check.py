@@ -12,7 +12,7 @@ next one runs:
          on synthetic ImageNet shards, bf16 then fp16, killed and resumed once, weights against an
          uninterrupted run
   speed  (c, d) bench.gpu_check_speed: MS-ResNet-18/104 at 224 px, T=6, images/s and memory with and
-         without activation checkpointing, the largest 104 batch, bench.plan's prediction beside each
+         without activation checkpointing, the largest 104 batch, bench.max_batch's prediction beside each
 --cpu-dry-run runs the same sequence at toy sizes on the CPU (tests/test_gpu_check.py): DeepSpeed has no
 fp16 there, so the fp16 stage runs in fp32 and the JSON says "fp16": "substituted on CPU".
 """

@@ -6,9 +6,9 @@
 block): images/s and memory of the trainer's step (the recipe's config, the DeepSpeed engine from
 `trainer.wrap`, autocast forward, loss, engine.backward, engine.step) on in-memory batches, so the figures
 are the model's and the engine's, not a JPEG decoder's. Then the largest MS-ResNet-104 batch that fits the
-GPU (bench.plan's step with the allocator capped, searched from the planner's answer), for each setting
+GPU (bench.max_batch's step with the allocator capped, searched from the planner's answer), for each setting
 while the time budget lasts.
-(d) Beside each measured figure, bench.plan's prediction, calibrated on the same device (batch 1 and 2 at a
+(d) Beside each measured figure, bench.max_batch's prediction, calibrated on the same device (batch 1 and 2 at a
 small resolution): the step memory above what is held (the planner's fitted quantity, comparable on any
 device), the whole peak (on a GPU: the caching allocator's peak reservation; on a CPU the process's peak
 resident set, which also counts the interpreter and libraries) and the largest batch.
@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.plan import GiB, _peak, _settle, calibrate, measure, parse_setting, search_largest
+from bench.max_batch import GiB, _peak, _settle, calibrate, measure, parse_setting, search_largest
 
-# model, activation checkpointing setting (bench.plan's notation), batch
+# model, activation checkpointing setting (bench.max_batch's notation), batch
 GPU_ROWS = [("ms_resnet18", "none", 64), ("ms_resnet18", "1", 64), ("ms_resnet104", "none", 32),
             ("ms_resnet104", "1", 32)]
-# grow, tol: the largest-batch search's steps (bench.plan.search_largest); the dry run's are coarse, as its
+# grow, tol: the largest-batch search's steps (bench.max_batch.search_largest); the dry run's are coarse, as its
 # MS-ResNet-104 steps are slow on a CPU.
 GPU = dict(res=224, T=6, steps=5, warmup=2, calib_res=64, reserve_gib=2.0, lif_batch=64, grow=1.25, tol=0.03)
 CPU_ROWS = [("ms_resnet18", "none", 2), ("ms_resnet18", "1", 2), ("ms_resnet104", "none", 2),
@@ -91,7 +91,7 @@ def largest_batch(name: str, setting: str, fit, p: dict, device: torch.device, c
     """Measured against predicted, the search starting from the prediction. A probe (two training steps)
     that `image_s`, the seconds per image of that row's step, says would end past `deadline` is not
     started: the search stops there and reports the bracket its probes reached."""
-    from bench.plan import gpu_fits, memory_cap
+    from bench.max_batch import gpu_fits, memory_cap
 
     predicted = fit.max_batch(p["res"], cap_gib * GiB)
     row = {"model": name, "setting": setting, "res": p["res"], "T": p["T"], "cap_gib": cap_gib,

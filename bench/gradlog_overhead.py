@@ -1,6 +1,6 @@
 """Cost of `BlockGradNorms` on a training step (forward, backward, SGD step), measured on real batches.
 
-    python -m bench.gradlog_overhead --model ms_resnet110 --T 4 --batch 32 --size 32 [--device cuda]
+    python -m bench.gradlog_overhead --model ms_resnet110 --T 4 --batch-size 32 --size 32 [--device cuda]
 
 Plain and logged steps alternate so that drifting machine load hits both alike; the median of each is
 compared. A logged step also reads the metrics (one device sync), i.e. the worst case of logging at
@@ -26,21 +26,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(argv: list[str] | None = None) -> float:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gradlog_overhead",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ms_resnet56")
     p.add_argument("--T", type=int, default=4)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_model(args.model, T=args.T).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = (t.to(device) for t in real_batches("digits", args.size, args.batch, 1)[0])
+    x, y = (t.to(device) for t in real_batches("digits", args.size, args.batch_size, 1)[0])
     grad_norms = BlockGradNorms(model)
 
     def step(logged: bool) -> float:
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> float:
         logged.append(step(True))
     t_plain, t_logged = statistics.median(plain), statistics.median(logged)
     overhead = 100 * (t_logged - t_plain) / t_plain
-    print(f"{args.model} T={args.T} batch={args.batch} {args.size}px on {device}: plain step "
+    print(f"{args.model} T={args.T} batch={args.batch_size} {args.size}px on {device}: plain step "
           f"{1000 * t_plain:.1f} ms, logged step {1000 * t_logged:.1f} ms (median of {args.steps}): "
           f"overhead {overhead:+.2f}% when logging every step")
     return overhead

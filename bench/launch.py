@@ -56,11 +56,15 @@ def measure(store: str, run_name: str, start: float, warmup: int) -> tuple[float
     return first, statistics.median(m.value for m in history if m.step > warmup)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the steady-state median")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     data = ROOT / "data/digits16"
     if not (data / "test/manifest.json").is_file():

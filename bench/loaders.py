@@ -5,13 +5,13 @@
 First every JPEG decoder of `data.decoder`, and the decoders that crop (data.window_decode: decode only the
 RandomResizedCrop's window, deepspike_jpeg; data.reduced_decode: decode at a reduced scale when the crop allows
 it, libjpeg-turbo's scaled DCT through simplejpeg; as probes OpenCV's and PIL's draft mode), decodes the
-stored JPEGs and crops them in one process on one core, against torchvision's decoder (the old default).
+stored JPEGs and crops them in one process on one core, against torchvision's decoder.
 
 Writes an ImageNet-layout folder of real JPEGs with ImageNet-like sizes (long side 300-500 px), converts it
 with `dataloaders.convert` (wds; ffcv jpg; ffcv raw at --max-side), and reads the same images through:
 - torchvision ImageFolder + DataLoader (PIL decode, transforms v2): the baseline
 - the WebDataset path: build_loader(format='wds') as configured by default (window decode), with the
-  whole-image decode of the default decoder and of the old one, with data.reduced_decode, and with
+  whole-image decode of the default decoder and of torchvision's, with data.reduced_decode, and with
   data.access=stream reading the shards from a local HTTP server on 127.0.0.1 (its thread is counted)
 - the FFCV path: build_loader(format='ffcv') on the JPEG and on the raw .beton
 Every path gets the same worker count (worker processes, or FFCV threads) and batch size, one untimed
@@ -199,7 +199,7 @@ def _ours(cfg: DataConfig):
     return loader, passes
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__.split("\n\n")[0])
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=100)
@@ -207,7 +207,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max-side", type=int, default=512)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench_loaders_"))
     load = [os.getloadavg()[0]]
     try:
@@ -230,7 +234,7 @@ def main(argv=None):
             for name, fmt, path, extra in (
                     (WDS, "wds", str(tmp / "wds"), {}),
                     (f"wds random, whole image, {base.decoder}", "wds", str(tmp / "wds"), {"window_decode": False}),
-                    ("wds random, torchvision (old default)", "wds", str(tmp / "wds"),
+                    ("wds random, torchvision", "wds", str(tmp / "wds"),
                      {"window_decode": False, "decoder": "torchvision"}),
                     ("wds stream over HTTP, window decode", "wds", url, {"access": "stream"}),
                     ("wds random, + data.reduced_decode", "wds", str(tmp / "wds"), {"reduced_decode": True}),

@@ -1,7 +1,7 @@
 """Peak memory and step time of very deep MS-ResNets with activation checkpointing, against SpikingJelly.
 
     python -m bench.memory                                   # 104 @ 224 px and 482 @ 32 px, batch 2, T 6
-    python -m bench.memory --configs ms_resnet482@32 --settings 1,4,1x8 --steps 2 --json out.json
+    python -m bench.memory --configs ms_resnet482@32 --settings 1,4,1x8 --steps 2 --out runs/bench
 
 Rows per config, each in a fresh process (so one row's allocations cannot hide in another's peak):
   none       deepspike, no activation checkpointing
@@ -9,7 +9,7 @@ Rows per config, each in a fresh process (so one row's allocations cannot hide i
   kxs        deepspike, every k-th segment of s consecutive blocks checkpointed as one unit
   sj         SpikingJelly 2.0 multi-step build of the same architecture (bench.peers), no checkpointing
 A step is bf16 autocast forward + loss + backward + SGD (momentum) on random data
-(`bench.plan.measure_step`).
+(`bench.max_batch.measure_step`).
 
 Columns: median step time (wall; on a CPU also the process's CPU time, which other load does not
 inflate as long as the row runs one thread, the CPU default here, and "time vs none" uses it);
@@ -30,8 +30,11 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+from dataloaders.manifest import write_json
 
 MEM_TARGET, TIME_TARGET = 0.1, 1.35
 GiB = 2**30
@@ -39,7 +42,7 @@ GiB = 2**30
 
 def run_row(name: str, res: int, row: str, batch: int, T: int, steps: int, device: str,
             threads: int) -> dict:
-    from bench.plan import build, measure_step
+    from bench.max_batch import build, measure_step
 
     dev = torch.device(device)
     if threads:
@@ -65,7 +68,7 @@ def run_row(name: str, res: int, row: str, batch: int, T: int, steps: int, devic
 
 def _spawn(name, res, row, args) -> dict:
     cmd = [sys.executable, "-m", "bench.memory", "--worker", f"{name}@{res}", "--rows", row,
-           "--batch", str(args.batch), "--T", str(args.T), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--T", str(args.T), "--steps", str(args.steps),
            "--device", args.device, "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -95,24 +98,28 @@ def report(title: str, rows: list[dict]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="ms_resnet104@224,ms_resnet482@32", help="model@resolution, ...")
     p.add_argument("--settings", default="1,4,1x8", help="checkpointing rows: k or kxs (see above)")
-    p.add_argument("--batch", type=int, default=2, help=">= 2 (activations = growth over batch 1)")
+    p.add_argument("--batch-size", type=int, default=2, help=">= 2 (activations = growth over batch 1)")
     p.add_argument("--T", type=int, default=6)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads per row (CPU default 1)")
-    p.add_argument("--json", help="also write the raw rows here")
+    p.add_argument("--out", metavar="DIR", help="also write the raw rows to DIR/memory.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else 0
     if args.worker:
         name, res = args.worker.split("@")
-        print(json.dumps(run_row(name, int(res), args.rows, args.batch, args.T, args.steps, args.device,
+        print(json.dumps(run_row(name, int(res), args.rows, args.batch_size, args.T, args.steps, args.device,
                                  args.threads)))
         return
     results = {}
@@ -121,11 +128,11 @@ def main(argv: list[str] | None = None) -> None:
         name, res = config.split("@")
         rows = [_spawn(name, int(res), row, args) for row in row_names]
         results[config] = rows
-        title = f"\n{name} @ {res}px, batch {args.batch}, T={args.T}, bf16, {args.device}"
+        title = f"\n{name} @ {res}px, batch {args.batch_size}, T={args.T}, bf16, {args.device}"
         print("\n".join(report(title, rows)), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / "memory.json", results)
 
 
 if __name__ == "__main__":

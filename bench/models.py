@@ -1,6 +1,6 @@
 """Training-step speed and memory of deepspike's MS-ResNets against SpikingJelly and the authors' loop.
 
-    python -m bench.models [--configs ms18_64,ms56_32] [--rows ds_fp32,sj_compiled] [--repeat N] [--json PATH]
+    python -m bench.models [--configs ms18_64,ms56_32] [--rows ds_fp32,sj_compiled] [--repeat N] [--out DIR]
     python -m bench.models --profile [--configs ...]   # torch.profiler top ops of the deepspike rows
 
 Rows (one fresh subprocess each, so peak RSS and compile caches don't leak between rows):
@@ -52,10 +52,13 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dataloaders.manifest import write_json
 
 
 @dataclass(frozen=True)
@@ -336,16 +339,21 @@ def report(cfg: Config, rows: list[dict], fp32_min: int, check: str, lif_lines: 
     return [*lines, lif_lines.rstrip("\n")]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run the rows N rounds and keep each row's fastest round (for a shared machine)")
-    p.add_argument("--json", metavar="PATH", help="write every measured row (and the fp32 minima) here")
+    p.add_argument("--out", metavar="DIR", help="write every measured row (and the fp32 minima) to DIR/models.json")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of the deepspike rows")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.worker:
         _worker(args)
@@ -379,9 +387,9 @@ def main(argv: list[str] | None = None) -> None:
                           lif_kernel=lif_lines)
         print("\n".join(report(cfg, measured, results[c]["fp32_min_bytes"], check, lif_lines)), flush=True)
     print(f"total {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, threads=args.threads, configs=results), f, indent=1)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / "models.json", dict(torch=torch.__version__, threads=args.threads, configs=results))
 
 
 if __name__ == "__main__":

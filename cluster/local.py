@@ -119,7 +119,7 @@ def _kill_groups(pgids: list[int], grace_s: float = 5.0) -> None:
     for p in procs.values():
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    # Ray's agents ignore SIGTERM once their raylet is gone (stack notes §3), hence the SIGKILL pass.
+    # Ray's agents ignore SIGTERM once their raylet is gone (docs/stack.md §3), hence the SIGKILL pass.
     _, left = psutil.wait_procs(list(procs.values()), timeout=grace_s)
     for p in left:
         with contextlib.suppress(psutil.Error):
@@ -246,7 +246,7 @@ class LocalCluster:
             raise RuntimeError(f"{', '.join(dead)} died, and {self.state_file} predates restarts; "
                                "run `cluster/local.sh down` and `up` again")
         for name in dead:
-            # Ray's agents can outlive their raylet (stack notes §3): clear the node's remains first.
+            # Ray's agents can outlive their raylet (docs/stack.md §3): clear the node's remains first.
             _kill_groups([st["pgids"][name]], grace_s=2)
             argv, env = st["argv"][name], st["env"][name]
             if name == "mlflow":

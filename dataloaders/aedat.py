@@ -2,7 +2,7 @@
 
 A file is a few '#' header lines followed by big-endian (uint32 address, uint32 timestamp in us) pairs.
 A DVS128 address holds polarity in bit 0, the sensor x in bits 1-7 and the sensor y in bits 8-14. The
-image coordinates follow SpikingJelly's CIFAR10DVS reader, which PLIF (and so MS-ResNet, spec §3.3) used:
+image coordinates follow SpikingJelly's CIFAR10DVS reader, which PLIF (and so MS-ResNet, docs/model.md §7) used:
 x = 127 - sensor_y, y = 127 - sensor_x, polarity = 1 - bit 0.
 """
 

@@ -1,8 +1,10 @@
-"""What a loader reads and how: one typed section of the training config (`TrainConfig.data`)."""
+"""What a loader reads and how (`DataConfig`, the training config's `data` section), and how the converter
+writes what it reads (`ConvertConfig`, the options of `python -m dataloaders.convert`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from dataloaders.datasets import get_dataset, list_datasets
 
@@ -10,6 +12,8 @@ FORMATS = ("wds", "ffcv")
 FOLDER_AUGMENTS = ("auto", "pad_crop", "resized_crop")
 ACCESS = ("random", "stream")
 DECODERS = ("simplejpeg", "torchvision", "opencv", "torchcodec", "pil")
+ON_ERROR = ("skip", "stop")
+WRITE_MODES = ("raw", "jpg", "smart")
 
 
 @dataclass
@@ -43,7 +47,7 @@ class DataConfig:
     cache_dir: str = ""
     """random access: node-local folder for shards fetched from URLs; default ~/.cache/deepspike/shards."""
     decoder: str = "simplejpeg"
-    """wds JPEGs: 'simplejpeg', 'torchvision' (the old default), 'opencv', 'torchcodec' or 'pil'; all give
+    """wds JPEGs: 'simplejpeg', 'torchvision', 'opencv', 'torchcodec' or 'pil'; all give
     the same uint8 RGB pixels up to libjpeg rounding (dataloaders.decoders, measured by bench.loaders). With
     data.window_decode the train crops of ImageNet and folder sets do not use it."""
     window_decode: bool = True
@@ -92,3 +96,41 @@ class DataConfig:
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1 and "
                              f"data.num_workers={self.num_workers} >= 0")
+
+
+def _option(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ConvertConfig:
+    """How `dataloaders.convert` writes a data set. Each field is the converter's option of the same name
+    (`max_side` is `--max-side`; a true bool is switched off by `--no-<name>`) with the same default, and
+    the library call `convert(..., **options)` takes the same names."""
+
+    max_side: int = _option(512, "imagenet, folder: longer image side stored at most (larger images are "
+                                 "downscaled)")
+    shard_size: int = _option(1000, "wds: source samples per shard")
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1,
+                         metadata={"help": "processes reading and encoding (default: all CPU cores)"})
+    on_error: str = _option("skip", "an unreadable sample: skip it (logged, listed in the manifest) or "
+                                    "stop", choices=ON_ERROR)
+    write_mode: str = _option("smart", "ffcv images: raw pixels, jpg, or smart (JPEG only when the raw "
+                                       "pixels exceed --smart-threshold bytes)", choices=WRITE_MODES)
+    smart_threshold: int = _option(3 * 256 * 256, "ffcv, write mode smart: raw-pixel bytes above which an "
+                                                  "image is stored as JPEG")
+    jpeg_quality: int = _option(90, "quality of re-encoded JPEGs")
+    frames: int = _option(20, "cifar10dvs: frames per recording (T)")
+    train_fraction: float = _option(0.9, "cifar10dvs: recordings of each class in train")
+    size: int = _option(32, "digits: image side")
+    verify_md5: bool = _option(True, "cifar10, cifar100: check the files against the published md5 sums "
+                                     "before unpickling them (off for pickles you made, which are then "
+                                     "unpickled with only numpy arrays allowed)")
+
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error={self.on_error!r}; expected one of {ON_ERROR}")
+        if self.write_mode not in WRITE_MODES:
+            raise ValueError(f"write_mode={self.write_mode!r}; expected one of {WRITE_MODES}")
+        if min(self.max_side, self.shard_size, self.workers, self.frames, self.size) < 1:
+            raise ValueError("max_side, shard_size, workers, frames and size must be >= 1")

@@ -7,7 +7,7 @@
     python -m dataloaders.convert cifar10 --src /data/cifar-10-batches-py --out /data/cifar-wds --format wds
     python -m dataloaders.convert cifar100 --src /data/cifar-100-python.tar.gz --out /data/cifar100-wds \\
         --format wds
-    python -m dataloaders.convert cifar10-dvs --src /data/CIFAR10-DVS --out /data/dvs-ffcv --format ffcv \\
+    python -m dataloaders.convert cifar10dvs --src /data/CIFAR10-DVS --out /data/dvs-ffcv --format ffcv \\
         --frames 20
     python -m dataloaders.convert folder --src /data/flowers --out /data/flowers-wds --format wds
     python -m dataloaders.convert digits --out runs/digits-wds --format wds --size 32
@@ -49,7 +49,6 @@ import logging
 import multiprocessing
 import os
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,32 +56,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataloaders import sources
-from dataloaders.config import FORMATS
+from dataloaders.config import FORMATS, ConvertConfig
 from dataloaders.datasets import get_dataset, list_datasets
 from dataloaders.manifest import manifest_rel, sha256_file, write_json
 from dataloaders.sources import BadSample
 
 log = logging.getLogger("dataloaders.convert")
-
-
-@dataclass
-class Options:
-    max_side: int = 512
-    """ImageNet: longer image side stored at most (larger images are downscaled)."""
-    shard_size: int = 1000
-    """wds: source samples per shard."""
-    workers: int = 1
-    on_error: str = "skip"
-    write_mode: str = "smart"
-    """ffcv ImageNet: 'raw', 'jpg', or 'smart' (JPEG only when raw pixels exceed --smart-threshold bytes)."""
-    smart_threshold: int = 3 * 256 * 256
-    jpeg_quality: int = 90
-    frames: int = 20
-    train_fraction: float = 0.9
-    size: int = 32
-    verify_md5: bool = True
-    """cifar10/cifar100: check the files against the published md5 sums before unpickling them (off for
-    home-made pickles, which are then unpickled with only numpy arrays allowed)."""
 
 
 class ConversionError(RuntimeError):
@@ -91,7 +70,8 @@ class ConversionError(RuntimeError):
 
 def convert(dataset: str, out: str | Path, fmt: str, src: str | Path | None = None,
             **options) -> dict[str, dict]:
-    """Convert every split of `dataset` (its registry or command-line name); returns the manifests."""
+    """Convert every split of `dataset` (a registry name) with `ConvertConfig` options; returns the
+    manifests."""
     try:
         spec = get_dataset(dataset)
     except KeyError:
@@ -99,9 +79,7 @@ def convert(dataset: str, out: str | Path, fmt: str, src: str | Path | None = No
     if spec is None or fmt not in FORMATS:
         raise ValueError(f"unknown dataset {dataset!r} or format {fmt!r}")
     dataset = spec.name
-    opts = Options(**options)
-    if opts.on_error not in ("skip", "stop"):
-        raise ValueError(f"on_error={opts.on_error!r}; expected 'skip' or 'stop'")
+    opts = ConvertConfig(**options)
     if src is None and spec.needs_src:
         raise ValueError(f"{dataset} needs --src")
     classes, splits = spec.read(src, opts)
@@ -133,7 +111,7 @@ def convert(dataset: str, out: str | Path, fmt: str, src: str | Path | None = No
     return manifests
 
 
-def _train_stats(split: sources.Split, out: Path, fmt: str, opts: Options) -> dict:
+def _train_stats(split: sources.Split, out: Path, fmt: str, opts: ConvertConfig) -> dict:
     """Per-channel mean/std of the train images' 0..1 pixels and their median short side as stored (after
     --max-side), for every split's manifest; one extra decoding pass, skipped when the train split is
     already converted."""
@@ -176,7 +154,7 @@ def _chunk_stats(task) -> tuple[np.ndarray, np.ndarray, int, list[int]]:
 # ---------------------------------------------------------------- WebDataset
 
 
-def _payload(sample: sources.Sample, opts: Options) -> tuple[str, bytes]:
+def _payload(sample: sources.Sample, opts: ConvertConfig) -> tuple[str, bytes]:
     if sample.frames is not None:
         buf = io.BytesIO()
         np.save(buf, sample.frames)
@@ -257,7 +235,7 @@ def _finished_shards(folder: Path, head: dict) -> dict[int, dict]:
     return done
 
 
-def _write_wds(split: sources.Split, name: str, out: Path, opts: Options, head: dict) -> dict:
+def _write_wds(split: sources.Split, name: str, out: Path, opts: ConvertConfig, head: dict) -> dict:
     folder = out / name
     folder.mkdir(exist_ok=True)
     for stale in folder.glob(".*.tmp*"):
@@ -331,7 +309,7 @@ class _FfcvView:
         return (s.frames if s.frames is not None else np.asarray(s.image)), s.label
 
 
-def _write_ffcv(split: sources.Split, name: str, out: Path, opts: Options, head: dict) -> dict:
+def _write_ffcv(split: sources.Split, name: str, out: Path, opts: ConvertConfig, head: dict) -> dict:
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
@@ -343,8 +321,6 @@ def _write_ffcv(split: sources.Split, name: str, out: Path, opts: Options, head:
         field = RGBImageField(write_mode="raw")
         biggest = split.images[0].nbytes
     else:
-        if opts.write_mode not in ("raw", "jpg", "smart"):
-            raise ValueError(f"write_mode={opts.write_mode!r}; expected raw, jpg or smart")
         field = RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_side,
                               smart_threshold=opts.smart_threshold, jpeg_quality=opts.jpeg_quality)
         biggest = opts.max_side**2 * 3
@@ -374,27 +350,27 @@ def _write_ffcv(split: sources.Split, name: str, out: Path, opts: Options, head:
             "options": head["options"] | {"page_size": page}}
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dataloaders.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=sorted(get_dataset(d).cli_name for d in list_datasets()))
+    p.add_argument("dataset", choices=list_datasets())
     p.add_argument("--src", help="raw data (not needed for digits)")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", required=True, choices=["wds", "ffcv"])
-    d = Options()
-    p.add_argument("--max-side", type=int, default=d.max_side)
-    p.add_argument("--shard-size", type=int, default=d.shard_size)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--on-error", choices=["skip", "stop"], default=d.on_error)
-    p.add_argument("--write-mode", choices=["raw", "jpg", "smart"], default=d.write_mode)
-    p.add_argument("--smart-threshold", type=int, default=d.smart_threshold)
-    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
-    p.add_argument("--frames", type=int, default=d.frames, help="cifar10-dvs: frames per recording (T)")
-    p.add_argument("--train-fraction", type=float, default=d.train_fraction, help="cifar10-dvs: per class")
-    p.add_argument("--size", type=int, default=d.size, help="digits: image side")
-    p.add_argument("--no-verify-md5", dest="verify_md5", action="store_false",
-                   help="cifar10/cifar100: accept pickles that are not the published files (made by you)")
-    a = vars(p.parse_args(argv))
+    p.add_argument("--format", required=True, choices=FORMATS)
+    defaults = ConvertConfig()
+    for f in dataclasses.fields(ConvertConfig):
+        default, flag = getattr(defaults, f.name), f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(f"--{'no-' if default else ''}{flag}", dest=f.name, default=default,
+                           action="store_false" if default else "store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(f"--{flag}", type=type(default), default=default, choices=f.metadata.get("choices"),
+                           help=f.metadata["help"])
+    return p
+
+
+def main(argv=None):
+    a = vars(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         convert(a.pop("dataset"), a.pop("out"), a.pop("format"), a.pop("src"), **a)

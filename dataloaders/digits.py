@@ -2,15 +2,20 @@
 
 The only real image data available offline on every machine; used by the demo, the tests and the
 depth study. The split is fixed (stratified, seed 0) so accuracies are comparable across runs.
+torch and scikit-learn load inside the functions: the dataset registry imports this module for MEAN/STD.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
-from dataloaders.datasets.digits import MEAN, STD
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+MEAN, STD = (0.2087,) * 3, (0.3081,) * 3
+"""Per-channel statistics of the 0..1 pixels (the three channels are equal)."""
 
 
 def digits_uint8(size: int = 32, test_fraction: float = 0.25) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -18,6 +23,8 @@ def digits_uint8(size: int = 32, test_fraction: float = 0.25) -> dict[str, tuple
 
     Pixels (0..16) are scaled to 0..255 and bilinearly upsampled; the three channels are equal.
     """
+    import torch
+    import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -31,7 +38,9 @@ def digits_uint8(size: int = 32, test_fraction: float = 0.25) -> dict[str, tuple
 
 
 def digits_tensors(size: int = 32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised float tensors [N, 3, size, size] and labels, ready for the model."""
+    """{split: (normalised float images [N, 3, size, size], labels)}, ready for the model."""
+    import torch
+
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     out = {}

@@ -34,8 +34,8 @@ from dataloaders import transforms
 from dataloaders.config import DataConfig
 from dataloaders.datasets import crops_in_decoder, get_dataset
 from dataloaders.manifest import is_remote, read_manifest, resolve
-from dataloaders.order import PAD, EpochPlan
-from dataloaders.stream import ShardStream, StreamPlan
+from dataloaders.order import PAD, SampleOrder
+from dataloaders.stream import ShardStream, StreamOrder
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def model_input(x, device, dtype, time_first: bool, normalize=None, labels=None)
 
 
 class Loader:
-    def __init__(self, plan: EpochPlan, backend, normalize, classes: list[str], time_first: bool = False):
+    def __init__(self, plan: SampleOrder, backend, normalize, classes: list[str], time_first: bool = False):
         self.plan, self.backend, self.normalize, self.classes = plan, backend, normalize, classes
         self.time_first = time_first
         """The data set's: the model takes its batches time first."""
@@ -101,7 +101,7 @@ class Loader:
         global-batch samples of it whatever the number of ranks."""
         if not 0 <= batches < len(self):
             raise ValueError(f"cannot seek {batches} batches into an epoch of {len(self)}")
-        if isinstance(self.plan, StreamPlan) and batches:
+        if isinstance(self.plan, StreamOrder) and batches:
             log.warning("data.access=stream splits an epoch by world size: continuing %d batches into epoch %d "
                         "on another world size may repeat or miss some of this epoch's samples", batches, epoch)
         self.epoch, self.batches_yielded = epoch, batches
@@ -109,13 +109,13 @@ class Loader:
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": self.plan.seed,
                  "world_size": self.plan.world_size, "decode_errors": self.decode_errors, "access": self.access}
-        if isinstance(self.plan, StreamPlan):  # where this rank's reading restarts, for people and logs
+        if isinstance(self.plan, StreamOrder):  # where this rank's reading restarts, for people and logs
             state["stream"] = self.plan.position(self.epoch, self.batches_yielded)
         return state
 
     @property
     def access(self) -> str:
-        return "stream" if isinstance(self.plan, StreamPlan) else "random"
+        return "stream" if isinstance(self.plan, StreamOrder) else "random"
 
     def load_state_dict(self, state: dict) -> None:
         mine = {"seed": self.plan.seed, "world_size": self.plan.world_size, "access": self.access}
@@ -156,10 +156,10 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
     train, spec = split == "train", get_dataset(cfg.dataset)
     if cfg.access == "stream":
         sizes = tuple(s["num_samples"] for s in manifest["shards"])
-        plan = StreamPlan(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train, sizes,
+        plan = StreamOrder(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train, sizes,
                           cfg.shuffle_buffer)
     else:
-        plan = EpochPlan(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train)
+        plan = SampleOrder(manifest["num_samples"], cfg.batch_size, rank, world_size, cfg.seed, train)
     stored = manifest["sample"]["shape"]
     shape = transforms.output_shape(cfg, stored, train)
     side = stored[0] if stored else manifest.get("stats", {}).get("median_short_side", cfg.image_size)

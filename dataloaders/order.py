@@ -32,7 +32,7 @@ def mix_seed(key, index):
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class SampleOrder:
     num_samples: int
     batch_size: int
     rank: int
@@ -71,7 +71,7 @@ class EpochPlan:
         return mine.astype(np.int64).reshape(self.num_batches, self.batch_size)
 
     def reads(self, epoch: int) -> None:
-        """Random access reads by position, in any order (`StreamPlan` returns its file order)."""
+        """Random access reads by position, in any order (`StreamOrder` returns its file order)."""
         return None
 
     def seeds(self, epoch: int, positions: np.ndarray) -> np.ndarray | None:

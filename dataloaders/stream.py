@@ -7,7 +7,7 @@ DataLoader's prefetched batches and a 256 KiB read buffer). Keep `random` (the d
 its exact global permutation mixes the whole split each epoch, while a stream only mixes within shards and
 the buffer.
 
-The plan, like `EpochPlan`, derives from (seed, epoch) alone:
+The order, like `SampleOrder`'s, derives from (seed, epoch) alone:
 - the epoch's shard order (shuffled for train, as stored for eval) concatenated is one stream of all
   samples; rank r reads the contiguous r-th of world_size equal parts of it (a part may start and end
   inside a shard), so every sample is read exactly once per epoch, train and eval alike;
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataloaders.manifest import is_remote, open_remote, resolve
-from dataloaders.order import PAD, EpochPlan
+from dataloaders.order import PAD, SampleOrder
 from dataloaders.wds_reader import ShardError, ShardSet
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ _READ_SIZE = 1 << 18
 
 
 @dataclass(frozen=True)
-class StreamPlan(EpochPlan):
+class StreamOrder(SampleOrder):
     shard_sizes: tuple[int, ...] = ()
     buffer: int = 1000
 

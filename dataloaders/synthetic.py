@@ -2,7 +2,7 @@
 
     python -m dataloaders.synthetic imagenet --out DIR --classes 10 --per-class 50 [--val-per-class 10]
     python -m dataloaders.synthetic cifar10 --out DIR --per-class 100 [--test-per-class 20]
-    python -m dataloaders.synthetic cifar10-dvs --out DIR --per-class 20
+    python -m dataloaders.synthetic cifar10dvs --out DIR --per-class 20
 
 ImageNet: `DIR/{train,val}/<real wnid>/*.JPEG` of varied sizes and aspect ratios. CIFAR-10: a
 `DIR/cifar-10-batches-py` folder in the official pickle format (not the published files: convert it with
@@ -103,15 +103,19 @@ def cifar10_dvs(out: str | Path, per_class: int, events: int = 4000, seed: int =
     return out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dataloaders.synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("dataset", choices=["imagenet", "cifar10", "cifar10-dvs"])
+    p.add_argument("dataset", choices=["imagenet", "cifar10", "cifar10dvs"])
     p.add_argument("--out", required=True)
     p.add_argument("--classes", type=int, default=10, help="imagenet only")
     p.add_argument("--per-class", type=int, required=True)
     p.add_argument("--val-per-class", "--test-per-class", type=int, default=0, dest="held_out")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     if a.dataset == "imagenet":
         path = imagenet(a.out, a.classes, a.per_class, a.held_out, a.seed)
     elif a.dataset == "cifar10":

@@ -33,7 +33,6 @@ import ray.train
 from ray.train import CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from dataloaders.datasets import get_dataset
 from dataloaders.manifest import is_remote, manifest_rel
 from trainer.batch_setting import BatchSetting, batch_setting
 from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
@@ -109,10 +108,9 @@ def build_config(args: argparse.Namespace, datasets: tuple[str, ...]) -> TrainCo
     if not is_remote(data):
         data = str(Path(data).expanduser().resolve())
         if not (Path(data) / manifest_rel("train", cfg.data.format)).is_file():
-            cli_name = get_dataset(cfg.data.dataset).cli_name
             raise LaunchError(f"data path {data} holds no converted {cfg.data.format} train split "
                               f"({manifest_rel('train', cfg.data.format)}); make one with python -m "
-                              f"dataloaders.convert {cli_name} --out {data} --format {cfg.data.format}")
+                              f"dataloaders.convert {cfg.data.dataset} --out {data} --format {cfg.data.format}")
     cfg.data.path = data
     cfg.run_name = args.run_name or f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     if "/" in cfg.run_name or cfg.run_name.startswith("."):

@@ -1,4 +1,4 @@
-"""Load weights saved by the authors' released ImageNet code (Ariande1/MS-ResNet, spec §2.4).
+"""Load weights saved by the authors' released ImageNet code (Ariande1/MS-ResNet, docs/model.md §6).
 
 Their layout: `conv1.<i>` is the stem Sequential (convs, then tdBN wrapped as `conv1.<n>.bn.*`);
 block j of stage s is `conv{s+2}_x.<j>` with `residual_function.{1,4}` the convs, `.{2,5}.bn` the BNs,

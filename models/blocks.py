@@ -1,4 +1,4 @@
-"""Residual blocks of the three spiking ResNet families (spec §2.1, §5).
+"""Residual blocks of the three spiking ResNet families (docs/model.md §3).
 
 Every block maps a sequence [T, N, C, H, W] to a sequence. Convolutions and tdBN run once on the
 time-folded tensor [T*N, C, H, W]: a 2-D conv applied per step is the same map, and tdBN (one
@@ -19,7 +19,8 @@ from models.spike_conv import SpikeConv2d
 
 
 def td_bn(channels: int, gamma0: float) -> nn.BatchNorm2d:
-    """tdBN with the spec's init: gamma = alpha * V_th (alpha = 1), beta = 0; momentum 0.1, eps 1e-5."""
+    """tdBN with the authors' init (docs/model.md §4): gamma = alpha * V_th (alpha = 1), beta = 0; momentum
+    0.1, eps 1e-5."""
     bn = nn.BatchNorm2d(channels)
     nn.init.constant_(bn.weight, gamma0)
     nn.init.zeros_(bn.bias)

@@ -1,4 +1,4 @@
-"""Gradient norm at every residual block input, recorded during the normal backward (spec §4.6).
+"""Gradient norm at every residual block input, recorded during the normal backward (docs/model.md §8.4).
 
     grad_norms = BlockGradNorms(model)              # once; model may be DDP- or DeepSpeed-wrapped
     with grad_norms:                                # only on logging steps; nothing is hooked outside

@@ -1,4 +1,4 @@
-"""The MS-ResNet LIF neuron (spec §1): one fused op over the whole sequence, torch.ops.deepspike.lif.
+"""The MS-ResNet LIF neuron (docs/model.md §2): one fused op over the whole sequence, torch.ops.deepspike.lif.
 
 u_t = decay * u_{t-1} * (1 - s_{t-1}) + x_t,  s_t = [u_t > v_th],  u_0 = 0.
 

@@ -40,7 +40,7 @@ FAMILIES = {"ms": "ms_resnet", "spiking": "spiking_resnet", "sew": "sew_resnet"}
 
 
 def _imagenet(family: str, depth: int, **kw) -> SpikingResNet:
-    # Stage 1 is strided because the stem's max-pool is never applied in the authors' code (spec §6.4).
+    # Stage 1 is strided because the stem's max-pool is never applied in the authors' code (docs/model.md §5).
     kw.setdefault("num_classes", 1000)
     if depth == 104:
         kw.setdefault("dropout", 0.2)
@@ -57,7 +57,7 @@ def _cifar(family: str, depth: int, widths=(16, 32, 64), strides=(1, 2, 2), **kw
 
 
 def _cifar_dvs(family: str, depth: int, **kw) -> SpikingResNet:
-    # CIFAR10-DVS: 2 polarity channels, 128x128 frames, stride 2 added to the first stage (spec §2.2).
+    # CIFAR10-DVS: 2 polarity channels, 128x128 frames, stride 2 added to the first stage (docs/model.md §5).
     kw.setdefault("in_channels", 2)
     return _cifar(family, depth, strides=(2, 2, 2), **kw)
 

@@ -1,4 +1,4 @@
-"""One spiking ResNet skeleton for all families: stem -> residual blocks -> head (spec §2.2).
+"""One spiking ResNet skeleton for all families: stem -> residual blocks -> head (docs/model.md §5).
 
 `model(x)` takes a static batch [N, C, H, W] (direct coding: the image is presented at every one of
 the T steps) or a sequence [T, N, C, H, W] and returns logits [N, classes].
@@ -61,7 +61,7 @@ class SpikingResNet(nn.Module):
             raise ValueError(f"unknown stem {stem!r}")
         self.stem_convs = nn.ModuleList(convs)
         self.stem_bn = td_bn(c0, v_th)
-        # Baselines pass spikes between blocks, so their stem ends in a neuron (spec §5).
+        # Baselines pass spikes between blocks, so their stem ends in a neuron (docs/model.md §5).
         self.stem_lif = neuron() if family != "ms" else nn.Identity()
 
         block_cls = BLOCKS[family]

@@ -1,4 +1,4 @@
-"""Spike statistics and the 45 nm energy estimate (spec §4.5), collected by hooks only while asked.
+"""Spike statistics and the 45 nm energy estimate (docs/model.md §8.3), collected by hooks only while asked.
 
     with SpikeMonitor(model) as mon:
         model(x)

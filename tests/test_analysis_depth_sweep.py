@@ -14,7 +14,7 @@ from analysis.depth_sweep import FAMILIES, main
 
 def _argv(tmp_path, *extra):
     return ["--dataset", "digits", "--depths", "20", "--families", "ms,spiking", "--epochs", "1", "--T", "2",
-            "--digits-size", "8", "--runs-dir", str(tmp_path / "runs"), "--jobs", "2",
+            "--size", "8", "--runs-dir", str(tmp_path / "runs"), "--jobs", "2",
             "--set", "model.kwargs.widths=[4,8,8]", "data.batch_size=64", "optim.global_batch=64", "optim.max_steps=6",
             "log_every=2", "mlflow.log_model=false", *extra, "--out", str(tmp_path / "docs")]
 
@@ -54,7 +54,10 @@ def test_bad_input_fails_before_training(tmp_path):
     with pytest.raises(SystemExit):
         main(["--dataset", "digits", "--depths", "21", "--epochs", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        main(["--dataset", "cifar10", "--epochs", "1", "--out", str(tmp_path)])  # no --data-path
+        main(["--dataset", "cifar10", "--epochs", "1", "--out", str(tmp_path)])  # no --data
     with pytest.raises(KeyError, match="nope"):
         main(_argv(tmp_path, "optim.nope=1"))
+    with pytest.raises(KeyError, match="nope"):  # a second --set adds to the first
+        main(["--dataset", "digits", "--depths", "20", "--epochs", "1", "--runs-dir", str(tmp_path / "runs"),
+              "--set", "optim.nope=1", "--set", "optim.lr=0.1", "--collect-only", "--out", str(tmp_path / "docs")])
     assert not (tmp_path / "runs" / "logs").exists()

@@ -1,4 +1,4 @@
-"""Block dynamical isometry and gradient norms (spec §4.6): the Hutchinson estimator against the exact
+"""Block dynamical isometry and gradient norms (docs/model.md §8.4): the Hutchinson estimator against the exact
 Jacobian, identity of MS blocks at init, and the depth behaviour of the per-block gradient norm."""
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def test_grad_norm_flat_with_depth_for_ms_and_decaying_for_vanilla():
 
 
 def test_gradnorm_command_writes_csv_and_plot(tmp_path):
-    rows = main(["--models", "ms_resnet20,spiking_resnet20", "--T", "2", "--size", "8", "--batch", "4",
+    rows = main(["--models", "ms_resnet20,spiking_resnet20", "--T", "2", "--size", "8", "--batch-size", "4",
                  "--batches", "1", "--probes", "2", "--out", str(tmp_path)])
     with open(tmp_path / "gradnorm.csv") as f:
         table = list(csv.DictReader(f))

@@ -63,7 +63,7 @@ def test_command_on_both_checkpoint_formats(tmp_path):
     results = []
     for ckpt in (plain, exported):
         out = tmp_path / ckpt.stem
-        rows, summary = main([str(ckpt), "--size", "8", "--batch", "150", "--out", str(out)])
+        rows, summary = main([str(ckpt), "--size", "8", "--batch-size", "150", "--out", str(out)])
         results.append(summary)
         with open(out / "spikes.csv") as f:
             assert len(list(csv.DictReader(f))) == len(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -16,9 +17,26 @@ from PIL import Image
 from dataloaders import DataConfig, build_loader, synthetic
 from dataloaders.aedat import EventFileError, events_to_frames, read_aedat, write_aedat
 from dataloaders.cifar_format import CIFAR100_MD5, read_cifar10, read_cifar100, write_cifar10, write_cifar100
-from dataloaders.convert import ConversionError, convert, main
+from dataloaders.config import ConvertConfig
+from dataloaders.convert import ConversionError, build_parser, convert, main
+from dataloaders.datasets import list_datasets
 
 pytest_plugins = ["data_fixtures"]
+
+
+def test_the_command_line_is_the_config(tmp_path):
+    """The options are ConvertConfig's fields with its defaults, for the CLI and the library call alike; the
+    data sets go by their registry names."""
+    p = build_parser()
+    args = vars(p.parse_args(["digits", "--out", "x", "--format", "wds"]))
+    defaults = dataclasses.asdict(ConvertConfig())
+    assert {k: args[k] for k in defaults} == defaults and defaults["workers"] > 0
+    assert next(a for a in p._actions if a.dest == "dataset").choices == list_datasets()
+    assert not vars(p.parse_args(["cifar10", "--out", "x", "--format", "wds", "--no-verify-md5"]))["verify_md5"]
+    with pytest.raises(ValueError, match="on_error='never'"):
+        convert("digits", tmp_path, "wds", on_error="never")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10-dvs'"):
+        convert("cifar10-dvs", tmp_path, "wds")
 
 
 def test_cifar10_pickles_round_trip_and_missing_files(tmp_path):
@@ -106,7 +124,7 @@ def test_dvs_recordings_to_frames(fmt, tmp_path):
     src = synthetic.cifar10_dvs(tmp_path / "src", per_class=2, events=1500)
     bad = src / "ship" / "cifar10_ship_1.aedat"
     bad.write_bytes(bad.read_bytes()[:-5])
-    manifests = convert("cifar10-dvs", tmp_path / "out", fmt, src, frames=3, train_fraction=0.5)
+    manifests = convert("cifar10dvs", tmp_path / "out", fmt, src, frames=3, train_fraction=0.5)
     assert manifests["test"]["skipped"][0]["source"].endswith("cifar10_ship_1.aedat")
     assert manifests["train"]["num_samples"] == 10 and manifests["test"]["num_samples"] == 9
     cfg = DataConfig(dataset="cifar10dvs", format=fmt, path=str(tmp_path / "out"), batch_size=5,
@@ -202,8 +220,8 @@ def test_large_images_are_downscaled(tmp_path):
 
 def test_dvs_frames_are_stored_compressed_and_deterministic(tmp_path):
     src = synthetic.cifar10_dvs(tmp_path / "src", per_class=1, events=800)
-    a = convert("cifar10-dvs", tmp_path / "a", "wds", src, frames=2, train_fraction=1.0)
-    b = convert("cifar10-dvs", tmp_path / "b", "wds", src, frames=2, train_fraction=1.0)
+    a = convert("cifar10dvs", tmp_path / "a", "wds", src, frames=2, train_fraction=1.0)
+    b = convert("cifar10dvs", tmp_path / "b", "wds", src, frames=2, train_fraction=1.0)
     assert _shas(a["train"]) == _shas(b["train"])
     with tarfile.open(tmp_path / "a" / "train" / "train-000000.tar") as tf:
         blob = next(tf.extractfile(m).read() for m in tf if m.name.endswith(".npy.gz"))

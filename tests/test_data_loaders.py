@@ -48,8 +48,8 @@ def test_digits_read_back_exactly(fmt, data_root):
 
 
 def test_batches_stay_uint8_and_model_input_normalises_them_as_the_loader_did(imagenet_wds):
-    """The loader hands over uint8 pixels; `model_input` with the loader's normalize gives what the loader
-    used to give (v2.ToDtype(scale=True) + v2.Normalize, padding rows zero) up to float rounding."""
+    """The loader hands over uint8 pixels; `model_input` with the loader's normalize gives what normalising
+    on the host would (v2.ToDtype(scale=True) + v2.Normalize, padding rows zero) up to float rounding."""
     from torchvision.transforms import v2
 
     from dataloaders.loader import model_input

@@ -14,7 +14,7 @@ import torch
 from data_fixtures import indices_of
 
 from dataloaders import DataConfig, build_loader
-from dataloaders.stream import StreamPlan, buffered_shuffle
+from dataloaders.stream import StreamOrder, buffered_shuffle
 from dataloaders.wds_reader import ShardError
 
 pytest_plugins = ["data_fixtures"]
@@ -145,7 +145,7 @@ def test_http_stream_retries_a_failing_shard_then_names_it(server, index_cifar, 
 
 
 def test_stream_plan_position_points_at_the_earliest_owed_sample():
-    plan = StreamPlan(20, 4, 0, 1, 0, False, (8, 8, 4), 1)
+    plan = StreamOrder(20, 4, 0, 1, 0, False, (8, 8, 4), 1)
     assert plan.position(0, 0) == {"shard": 0, "offset": 0}
     assert plan.position(0, 3) == {"shard": 1, "offset": 4}  # eval reads in stored order
     with pytest.raises(ValueError, match="access='stream' with data.format='ffcv'"):

@@ -139,12 +139,12 @@ def _gzip_bomb(gib: float) -> bytes:
 def dvs_wds(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("dvs")
     src = synthetic.cifar10_dvs(base / "src", per_class=1, events=600)
-    convert("cifar10-dvs", base / "wds", "wds", src, frames=2, train_fraction=0.0, shard_size=4)
+    convert("cifar10dvs", base / "wds", "wds", src, frames=2, train_fraction=0.0, shard_size=4)
     return base / "wds"
 
 
 def test_corrupt_and_bomb_dvs_samples_are_skipped_and_counted(dvs_wds, tmp_path):
-    """A corrupt deflate stream (zlib.error used to kill the worker) and a 1 GiB gzip bomb in a DVS shard
+    """A corrupt deflate stream (an uncaught zlib.error kills the worker) and a 1 GiB gzip bomb in a DVS shard
     that matches its manifest: both rows come back blank with label -1, counted; the rest are intact."""
     root = shutil.copytree(dvs_wds, tmp_path / "wds")
     shard = root / "test" / "test-000000.tar"
@@ -253,8 +253,8 @@ def _corrupt_jpeg_in_beton(beton: Path, k: int) -> None:
 
 
 def test_ffcv_corrupt_jpeg_is_counted_not_passed_on(imagenet_ffcv, tmp_path, caplog):
-    """FFCV used to yield the previous image's pixels for a JPEG libjpeg-turbo rejects; now that row is blank,
-    label -1 and counted, on the eval (center crop) and the train (seeded random crop) decoder."""
+    """FFCV's own decoder yields the previous image's pixels for a JPEG libjpeg-turbo rejects; here that row is
+    blank, label -1 and counted, on the eval (center crop) and the train (seeded random crop) decoder."""
     root = shutil.copytree(imagenet_ffcv, tmp_path / "ffcv")
     cfg = DataConfig(dataset="imagenet", format="ffcv", path=str(imagenet_ffcv), batch_size=4, num_workers=1,
                      val_resize=40, val_crop=32, image_size=32, auto_augment=False)

@@ -1,5 +1,6 @@
 """The import rule, read from the source: `models` and `dataloaders` import nothing of ours, `trainer`
-builds on those two, and `analysis`, `bench` and `launch` sit on top. An upward import fails here."""
+builds on those two, and `analysis`, `bench` and `launch` sit on top. An upward import fails here, and so
+does a cycle of modules importing each other (lazy imports inside functions count)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,46 @@ MAY_IMPORT = {
     "bench": BASE | {"trainer", "analysis"},  # benchmarks measure the analysis tools too
     "launch": BASE | {"trainer"},
 }
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def modules_imported(path: Path) -> set[str]:
+    """Our plain modules that `path` imports (`from package import name` counts package.name when that is
+    one). A package's `__init__` only gathers its modules' names for callers, so it is not a node."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+    return {m for m in found if m.split(".")[0] in MAY_IMPORT and _is_module(m)}
+
+
+def _is_module(name: str) -> bool:
+    return ROOT.joinpath(*name.split(".")).with_suffix(".py").is_file()
+
+
+def test_no_import_cycles():
+    graph = {module_name(f): modules_imported(f) for p in MAY_IMPORT for f in (ROOT / p).rglob("*.py")
+             if f.name != "__init__.py"}
+    cycles = []
+
+    def visit(m: str, path: list[str]) -> None:
+        for n in sorted(graph.get(m, ())):
+            if n in path:
+                cycles.append(path[path.index(n):] + [n])
+            elif n not in done:
+                visit(n, path + [n])
+        done.add(m)
+
+    done: set[str] = set()
+    for m in sorted(graph):
+        if m not in done:
+            visit(m, [m])
+    assert not cycles, " | ".join(" -> ".join(c) for c in cycles)
 
 
 def ours_imported(path: Path) -> set[str]:

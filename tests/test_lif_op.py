@@ -21,7 +21,8 @@ from models.neuron import lif_sequence_reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 7), (2, 3, 5), (6, 2, 3, 5, 7), (6, 1031)]  # T = 1, 2, 6; odd sizes; a partial kernel block
-CONSTANTS = [(0.25, 0.5, 0.5), (0.3, 0.45, 0.35)]  # the spec's, and ones no binary float represents exactly
+# The authors' constants (docs/model.md §2), and ones no binary float represents exactly.
+CONSTANTS = [(0.25, 0.5, 0.5), (0.3, 0.45, 0.35)]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

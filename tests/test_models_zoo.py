@@ -10,7 +10,7 @@ from dataloaders.digits import digits_tensors
 from models import create_model, list_models, load_authors_checkpoint, to_authors_state_dict
 from models.stats import SpikeMonitor
 
-SPEC_PARAMS = {  # spec §2.3
+SPEC_PARAMS = {  # docs/model.md §6
     "ms_resnet18": 11_693_736, "ms_resnet34": 21_801_896, "ms_resnet104": 77_350_504,
     "ms_resnet20": 272_474, "ms_resnet32": 466_906, "ms_resnet44": 661_338, "ms_resnet56": 855_770,
     "ms_resnet110": 1_730_714, "ms_resnet482": 7_758_106,
@@ -55,7 +55,7 @@ def test_input_shapes_and_errors():
 
 
 def _authors_keys(layers, stem_convs: int, pool_shortcut: bool) -> set[str]:
-    """The authors' key layout written out from the spec (§2.4), independent of our mapping."""
+    """The authors' key layout written out from docs/model.md §6, independent of our mapping."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     keys = {f"conv1.{i}.weight" for i in range(stem_convs)}
     if stem_convs == 3:
@@ -117,7 +117,7 @@ def test_spike_monitor_counts_rates_macs_and_energy():
     s = mon.summary()
     assert 0 < s["spikes/rate"] < 1
     assert s["spikes/per_neuron_per_sample"] == pytest.approx(4 * s["spikes/rate"])
-    # spec §2.3: 40.8 M dense MACs per step at 32 px; the static stem (3*16*9*32*32 MACs) runs once.
+    # docs/model.md §6: 40.8 M dense MACs per step at 32 px; the static stem (3*16*9*32*32 MACs) runs once.
     stem = 3 * 16 * 9 * 32 * 32
     assert s["energy/gmacs_per_image"] * 1e9 >= stem
     expected_mj = (s["energy/gmacs_per_image"] * 4.6 + s["energy/gsops_per_image"] * 0.9) * 1e-9 * 1e9

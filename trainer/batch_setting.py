@@ -2,8 +2,8 @@
 world size.
 
 The one place that decides it: the trainer, the DeepSpeed config and the launchers (and their --dry-run)
-all call `batch_setting`. (`bench/plan.py` is the memory planner, a different question.) Runs record it as
-`batch_plan.json` and `plan.*` MLflow params, the launchers' --dry-run print it as `plan {json}`.
+all call `batch_setting`. (`bench/max_batch.py` is the memory planner, a different question.) Runs record it
+as `batch_plan.json` and `plan.*` MLflow params, the launchers' --dry-run print it as `plan {json}`.
 
 A recipe states a reference setting: `optim.global_batch` images per optimizer step at peak learning rate
 `optim.lr`, and `data.batch_size` images per rank per micro-step. `optim.batch_policy` turns it into a plan

@@ -15,7 +15,7 @@ def deepspeed_config(cfg: TrainConfig, batch: BatchSetting, on_gpu: bool) -> dic
 
     - bf16: the engine stays fp32 (master weights, BN buffers, optimizer) and the trainer autocasts the
       forward pass to bf16. DeepSpeed's own "bf16" block casts the parameters but not the BatchNorm
-      buffers, which makes every BatchNorm fail on CPU (stack notes §2).
+      buffers, which makes every BatchNorm fail on CPU (docs/stack.md §2).
     - fp16: DeepSpeed's fp16 block with dynamic loss scaling; its CPU accelerator has no fp16 support.
     - The LIF neurons accumulate the membrane and the surrogate gradient in fp32 in every mode.
     """

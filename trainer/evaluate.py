@@ -79,17 +79,22 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: str = "f
             "val/loss": counts[3].item() / n, "val/samples": n, **spike_stats}
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a file written by python -m trainer.export, or an MLflow logged model "
                                  "(models:/MODEL_ID, runs:/RUN_ID/final, ...)")
     p.add_argument("--config", help="training config (default: config.yaml next to the model file, or the "
                                     "one logged with the model)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides (repeatable)")
     p.add_argument("--split", default="val")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow server or store of a models:/ or runs:/ URI (default: $MLFLOW_TRACKING_URI)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.model.startswith(("models:/", "runs:/")):
         from trainer.logged_model import load_logged_model  # mlflow loads only for a URI
 

@@ -63,11 +63,15 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     return model, blob
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a step directory, or a run directory (its newest checkpoint)")
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     print(export(args.checkpoint, args.out))
 
 

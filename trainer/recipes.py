@@ -1,11 +1,11 @@
 """Named training setups. Each recipe is a function returning a complete `TrainConfig`.
 
-The ImageNet recipes reproduce the authors' released script (spec §3.1): SGD momentum 0.9, lr 0.1 for a
+The ImageNet recipes reproduce the authors' released script (docs/model.md §7): SGD momentum 0.9, lr 0.1 for a
 global batch of 256, cosine to 0 over 125 epochs, label smoothing 0.1, T = 6, SyncBN, mixed precision,
 RandomResizedCrop + AutoAugment without flip, weight decay 1e-5 for 18/34 (README erratum) and 1e-4 for
 104. The CIFAR-10 and CIFAR-100 recipes (the depth family 20..482) follow the author's TNNLS answer
-(spec §3.2: batch 200 / lr 0.2, crop + flip, wd 1e-4); their epoch count and T are not published, the
-values below are the spec's plausible defaults. CIFAR10-DVS keeps the PLIF data pipeline (T = 20 frames,
+(docs/model.md §7: batch 200 / lr 0.2, crop + flip, wd 1e-4); their epoch count and T are not published, the
+values below are our choice (docs/model.md §9). CIFAR10-DVS keeps the PLIF data pipeline (T = 20 frames,
 128 px); the paper's optimiser settings for it are not published either, so an SGD analogue is used.
 """
 
@@ -69,7 +69,7 @@ def ms_resnet34_imagenet() -> TrainConfig:
 
 @recipe
 def ms_resnet104_imagenet() -> TrainConfig:
-    # No activation checkpointing: bench.plan (calibrated on CPU) predicts ~219 images x T=6 at 224 px
+    # No activation checkpointing: bench.max_batch (calibrated on CPU) predicts ~219 images x T=6 at 224 px
     # per 80 GB GPU without it, far above the 32 per GPU here; enable it for bigger batches or T.
     return _imagenet(104, 1e-4)
 
@@ -82,7 +82,7 @@ def _cifar(depth: int, dataset: str = "cifar10") -> TrainConfig:
         optim=OptimConfig(global_batch=200, lr=0.2, momentum=0.9, weight_decay=1e-4, epochs=200,
                           schedule="cosine"),
         # Even MS-ResNet-482 needs ~0.14 GiB per 32 px image at T=6 without activation checkpointing
-        # (bench.memory), so 50 per GPU fit without it; bench.plan says when to turn it on.
+        # (bench.memory), so 50 per GPU fit without it; bench.max_batch says when to turn it on.
         engine=EngineConfig(precision="bf16", zero_stage=0, sync_bn=True),
         checkpoint=CheckpointConfig(every_steps=1000, keep_last=3),
         log_every=50,
@@ -119,7 +119,7 @@ def ms_resnet482_cifar10() -> TrainConfig:
     return _cifar(482)
 
 
-# Spec §3.2 gives one CIFAR setup for both data sets; only the head differs.
+# docs/model.md §7 gives one CIFAR setup for both data sets; only the head differs.
 for _depth in (20, 32, 44, 56, 110, 482):
     _RECIPES[f"ms_resnet{_depth}_cifar100"] = lambda depth=_depth: _cifar(depth, "cifar100")
 

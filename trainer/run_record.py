@@ -34,7 +34,7 @@ from trainer.set_aside import set_aside
 
 def local_store_uri(folder: str | Path) -> str:
     """An sqlite store in `folder`, where runs are tracked without a tracking server: MLflow's file store is
-    off by default."""
+    off by default (docs/stack.md, MLflow)."""
     return f"sqlite:///{(Path(folder) / 'mlflow.db').resolve()}"
 
 

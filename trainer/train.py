@@ -32,17 +32,22 @@ def train(cfg: TrainConfig, report: Report | None = None) -> dict[str, Any]:
     return Trainer(cfg, report).fit()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--recipe", help="a recipe name (python -m trainer.train --list)")
     src.add_argument("--config", help="a config YAML/JSON, e.g. a run directory's config.yaml")
     src.add_argument("--list", action="store_true", help="list the recipes and exit")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. optim.lr=0.05")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides, e.g. optim.lr=0.05 (repeatable)")
     p.add_argument("--run-name")
     p.add_argument("--resume", metavar="CKPT_DIR", help="resume from this checkpoint")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run has checkpoints")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.list:
         from trainer.recipes import list_recipes
 
@@ -79,5 +84,5 @@ if __name__ == "__main__":
         sys.stderr.flush()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        # DeepSpeed processes sometimes abort in interpreter teardown (stack notes §2).
+        # DeepSpeed processes sometimes abort in interpreter teardown (docs/stack.md §2).
         os._exit(code)

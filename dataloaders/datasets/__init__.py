@@ -1,8 +1,8 @@
 """The dataset registry: one module per dataset in this package, each defining `DATASET`.
 
-A dataset module says everything the pipeline needs to know about its data set: its name in configs and
-manifests (`data.dataset`) and on the converter's command line, the reader that conversion uses, the
-normalisation statistics, the train/eval augmentation and the shape of one loaded sample. Adding a data
+A dataset module says everything the pipeline needs to know about its data set: its one name (in configs and
+manifests, `data.dataset`, and on every command line), the reader that conversion uses, the normalisation
+statistics, the train/eval augmentation and the shape of one loaded sample. Adding a data
 set means adding one module here (and its tests); nothing else names data sets. Modules import torch and
 torchvision only inside their functions, so configs and the converter CLIs start fast.
 """
@@ -21,9 +21,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    """`data.dataset` and the manifests' "dataset"."""
-    cli_name: str
-    """`python -m dataloaders.convert <cli_name>`."""
+    """`data.dataset`, the manifests' "dataset" and `python -m dataloaders.convert <name>`."""
     read: Callable[[Path | None, Any], tuple[list[str], dict[str, Any]]]
     """(raw source folder, converter options) -> (class names, {split: indexable split})."""
     augment: Callable[[Any, bool, int, bool], list]
@@ -68,12 +66,10 @@ def list_datasets() -> list[str]:
 
 
 def get_dataset(name: str) -> Dataset:
-    """By `data.dataset` name or command-line name."""
     registry = _registry()
-    by_cli = {d.cli_name: d for d in registry.values()}
-    if name not in registry and name not in by_cli:
+    if name not in registry:
         raise KeyError(f"unknown dataset {name!r}; expected one of {list_datasets()}")
-    return registry.get(name) or by_cli[name]
+    return registry[name]
 
 
 def padded_crop(side: int, flip: bool) -> list:

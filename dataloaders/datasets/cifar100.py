@@ -14,6 +14,6 @@ def _read(src, opts):
     return cifar100_splits(src, opts.verify_md5)
 
 
-DATASET = Dataset(name="cifar100", cli_name="cifar100", read=_read,
+DATASET = Dataset(name="cifar100", read=_read,
                   augment=lambda cfg, train, side, cropped: padded_crop(side, flip=True) if train else [],
                   sample_shape=stored_rgb_shape, mean=MEAN, std=STD)

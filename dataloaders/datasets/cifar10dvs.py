@@ -13,7 +13,7 @@ def _read(src, opts):
     return dvs_splits(src, opts.frames, opts.train_fraction)
 
 
-DATASET = Dataset(name="cifar10dvs", cli_name="cifar10-dvs",
+DATASET = Dataset(name="cifar10dvs",
                   read=_read,
                   augment=lambda cfg, train, side, cropped: [],
                   sample_shape=lambda cfg, stored, train: tuple(stored), time_first=True)

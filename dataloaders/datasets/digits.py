@@ -4,8 +4,7 @@ flip (digits are not mirror-symmetric)."""
 from __future__ import annotations
 
 from dataloaders.datasets import Dataset, padded_crop, stored_rgb_shape
-
-MEAN, STD = (0.2087,) * 3, (0.3081,) * 3
+from dataloaders.digits import MEAN, STD
 
 
 def _read(src, opts):
@@ -14,6 +13,6 @@ def _read(src, opts):
     return digits_splits(opts.size)
 
 
-DATASET = Dataset(name="digits", cli_name="digits", read=_read,
+DATASET = Dataset(name="digits", read=_read,
                   augment=lambda cfg, train, side, cropped: padded_crop(side, flip=False) if train else [],
                   sample_shape=stored_rgb_shape, mean=MEAN, std=STD, needs_src=False)

@@ -53,6 +53,6 @@ def _augment(cfg, train: bool, side: int, cropped_by_decoder: bool) -> list:
     return ops + ([v2.RandomHorizontalFlip()] if cfg.hflip else [])
 
 
-DATASET = Dataset(name="folder", cli_name="folder", read=_read, augment=_augment, sample_shape=crop_shape,
+DATASET = Dataset(name="folder", read=_read, augment=_augment, sample_shape=crop_shape,
                   measured_stats=True, decoder_crops=True,
                   resized_crop=lambda cfg, side: mode(cfg, side) == "resized_crop")

@@ -1,6 +1,6 @@
 """ImageNet-1k from `src/<split>/<wnid>/*.JPEG` folders.
 
-Train follows the authors' recipe (spec §3.1): RandomResizedCrop -> [flip, off by default] -> AutoAugment
+Train follows the authors' recipe (docs/model.md §7): RandomResizedCrop -> [flip, off by default] -> AutoAugment
 (ImageNet policy) -> normalise; eval: resize the short side -> center crop -> normalise. On the FFCV path
 FFCV's decoder does the crop (and flip), so only AutoAugment is left for torchvision.
 """
@@ -35,5 +35,5 @@ def crop_shape(cfg, stored, train: bool) -> tuple[int, ...]:
     return 3, side, side
 
 
-DATASET = Dataset(name="imagenet", cli_name="imagenet", read=_read, augment=_augment, sample_shape=crop_shape,
+DATASET = Dataset(name="imagenet", read=_read, augment=_augment, sample_shape=crop_shape,
                   mean=MEAN, std=STD, decoder_crops=True)

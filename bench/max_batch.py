@@ -1,7 +1,7 @@
 """How many images fit on one GPU for each activation-checkpointing setting, from measured memory.
 
-    python -m bench.plan --model ms_resnet104 --T 6 --res 224 --gpu-mem 80
-    python -m bench.plan --model ms_resnet482 --T 6 --res 32 --gpu-mem 80 --calib-res 16 --validate
+    python -m bench.max_batch --model ms_resnet104 --T 6 --size 224 --gpu-mem 80
+    python -m bench.max_batch --model ms_resnet482 --T 6 --size 32 --gpu-mem 80 --calib-size 16 --validate
 
 Settings (`--settings`): `none`; `k` = checkpoint every k-th residual block; `kxs` = every k-th segment
 of s consecutive blocks (engine.activation_checkpointing=k, engine.activation_checkpointing_segment=s).
@@ -225,39 +225,43 @@ def largest_fitting_batch(name: str, T: int, setting: str, res: int, cap_gib: fl
         return search_largest(gpu_fits(name, T, setting, res, device))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ms_resnet104")
     p.add_argument("--T", type=int, default=6)
-    p.add_argument("--res", type=int, default=224)
+    p.add_argument("--size", type=int, default=224, help="image side")
     p.add_argument("--gpu-mem", type=float, default=80, help="GPU memory in GB (1e9 bytes), as sold")
     p.add_argument("--reserve-gib", type=float, default=2.0, help="CUDA context, NCCL buffers, headroom")
     p.add_argument("--settings", default="none,1,2,4,1x4,1x8", help="none, k (every k-th block) or "
                    "kxs (every k-th segment of s blocks), comma-separated")
-    p.add_argument("--calib-res", type=int, default=64, help="large enough that the per-image memory "
-                   "stands out of the measurement noise (on a CPU, peak-RSS noise is a few MiB)")
+    p.add_argument("--calib-size", type=int, default=64, help="calibration image side, large enough that the "
+                   "per-image memory stands out of the measurement noise (on a CPU, peak-RSS noise is a few MiB)")
     p.add_argument("--validate", action="store_true", help="measure held-out points, print the errors")
     p.add_argument("--cap-gib", type=float, default=16.0, help="--validate on GPU: memory cap for the "
                    "largest-batch search")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     budget = args.gpu_mem * 1e9 - args.reserve_gib * GiB
     settings = args.settings.split(",")
-    print(f"{args.model}, T={args.T}, {args.res}px, bf16, SGD; budget {budget / GiB:.1f} GiB of "
-          f"{args.gpu_mem:g} GB; calibrated on {device} at {args.calib_res}px, batch 1 and 2")
+    print(f"{args.model}, T={args.T}, {args.size}px, bf16, SGD; budget {budget / GiB:.1f} GiB of "
+          f"{args.gpu_mem:g} GB; calibrated on {device} at {args.calib_size}px, batch 1 and 2")
     print(f"{'checkpointing':>14}{'held GiB':>10}{'step fixed':>12}{'GiB/image':>11}{'max batch/GPU':>15}")
     fits = {}
     for k in settings:
-        fit = fits[k] = calibrate(args.model, args.T, k, args.calib_res, device)
+        fit = fits[k] = calibrate(args.model, args.T, k, args.calib_size, device)
         every, segment = parse_setting(k)
         label = "none" if not every else f"every {every}" + (f" x{segment}" if segment > 1 else "")
-        per = fit.per_image * (args.res / args.calib_res) ** 2
+        per = fit.per_image * (args.size / args.calib_size) ** 2
         print(f"{label:>14}{fit.held / GiB:>10.2f}{fit.step_fixed / GiB:>12.2f}{per / GiB:>11.3f}"
-              f"{fit.max_batch(args.res, budget):>15}", flush=True)
+              f"{fit.max_batch(args.size, budget):>15}", flush=True)
     if not args.validate:
         return
-    vres = 2 * args.calib_res
+    vres = 2 * args.calib_size
     print(f"\nvalidation at {vres}px (held out): predicted vs measured step memory (above what is held)")
     errors = []
     for k, fit in fits.items():

@@ -1,8 +1,9 @@
-"""The per-GPU batch planner's arithmetic (its measurements need a GPU: bench/gpu_check.sh)."""
+"""The per-GPU batch planner's arithmetic (its GPU measurements: bench/gpu_check.sh), and its command line
+on a CPU at toy size."""
 
 import pytest
 
-from bench.plan import Fit, GiB, parse_setting, search_largest
+from bench.max_batch import Fit, GiB, main, parse_setting, search_largest
 
 
 def test_planner_settings_and_batch_arithmetic():
@@ -28,3 +29,11 @@ def test_largest_batch_search_finds_the_boundary_from_any_start(answer, start):
     near = search_largest(fits, start, grow=1.25, tol=0.05)
     assert near <= answer and answer - near <= max(1, 0.05 * near)
     assert all(b >= 0 for b in probes)
+
+
+def test_the_command_line_runs_every_setting_on_cpu(capsys):
+    main(["--model", "ms_resnet20", "--T", "1", "--size", "16", "--calib-size", "8", "--settings", "none,1",
+          "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ms_resnet20, T=1, 16px, bf16, SGD; budget 72.5 GiB of 80 GB; calibrated on cpu at 8px")
+    assert [line.split()[0] for line in out[2:]] == ["none", "every"]
