@@ -10,7 +10,6 @@ STAMP := $(VENV)/.deepspike-installed
 OPS := $(VENV)/.deepspike-ops-built
 # libjpeg-dev: deepspike_jpeg's headers. chromium (+ a font) renders the MLflow UI in the browser test and the docs screenshots.
 APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev libjpeg-dev postgresql chromium fonts-dejavu-core
-export DS_ACCELERATOR ?= cpu
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 .PHONY: demo test lint bench clean-venv

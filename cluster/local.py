@@ -181,7 +181,7 @@ class LocalCluster:
         # take precedence). Only these additions are recorded (to restart a dead node exactly), never the
         # caller's whole environment.
         env = dict(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), DS_ACCELERATOR="cpu",
+                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                    MLFLOW_TRACKING_URI=mlflow_uri, DEEPSPIKE_STORAGE=str(self.dir / "storage"),
                    LD_PRELOAD=str(shim))
         st = {"dir": str(self.dir), "workers": workers, "ips": ips, "ray_tmp": ray_tmp,

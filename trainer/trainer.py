@@ -66,7 +66,8 @@ class RolledBack(Exception):
 class Trainer:
     def __init__(self, cfg: TrainConfig, report: Report | None = None):
         self.cfg, self.report = cfg, report
-        self.rank, self.world, self.device = init_distributed(cfg.engine.backend)
+        self.rank, self.world, self.device = init_distributed(cfg.engine.backend, cfg.engine.device,
+                                                                cfg.engine.cudnn_benchmark)
         self.run_dir = cfg.resolved_run_dir()
         ck = cfg.checkpoint
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", ck.keep_last, ck.keep_best,
