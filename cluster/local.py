@@ -105,7 +105,7 @@ def _alive(pgid: int) -> bool:
     return True
 
 
-def _kill_groups(pgids: list[int], grace_s: float = 5.0) -> None:
+def kill_groups(pgids: list[int], grace_s: float = 5.0) -> None:
     """SIGTERM these process groups and all their descendants (job entrypoints start their own
     sessions), then SIGKILL whatever is left after `grace_s`."""
     procs = {}
@@ -247,7 +247,7 @@ class LocalCluster:
                                "run `cluster/local.sh down` and `up` again")
         for name in dead:
             # Ray's agents can outlive their raylet (stack notes §3): clear the node's remains first.
-            _kill_groups([st["pgids"][name]], grace_s=2)
+            kill_groups([st["pgids"][name]], grace_s=2)
             argv, env = st["argv"][name], st["env"][name]
             if name == "mlflow":
                 proc = self._spawn(st, name, argv, env)
@@ -286,7 +286,7 @@ class LocalCluster:
         st = self.state()
         if not st:
             return
-        _kill_groups(list(st["pgids"].values()))
+        kill_groups(list(st["pgids"].values()))
         if st.get("mlflow_backend") == "postgres":
             subprocess.run(["bash", str(ROOT / "cluster/mlflow/server.sh"), "stop", str(self.dir / "mlflow")],
                            check=True)

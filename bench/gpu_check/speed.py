@@ -1,8 +1,8 @@
-"""Stages (c) and (d) of bench/gpu_check.sh: training speed and memory, and the memory planner beside them.
+"""Stage `speed` of bench/gpu_check.sh: training speed and memory, and the memory planner beside them.
 
-    python -m bench.gpu_check_speed --json out.json [--cpu-dry-run] [--budget-s 170]
+    python -m bench.gpu_check.speed --json out.json [--cpu-dry-run] [--budget-s 100]
 
-(c) MS-ResNet-18 and MS-ResNet-104 at 224 px, T=6, bf16, without and with activation checkpointing (every
+(c) MS-ResNet-18, -34 and -104 at 224 px, T=6, bf16, without and with activation checkpointing (every
 block): images/s and memory of the trainer's step (the recipe's config, the DeepSpeed engine from
 `trainer.wrap`, autocast forward, loss, engine.backward, engine.step) on in-memory batches, so the figures
 are the model's and the engine's, not a JPEG decoder's. Then the largest MS-ResNet-104 batch that fits the
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from bench.plan import GiB, _peak, _settle, calibrate, measure, parse_setting, search_largest
 
 # model, activation checkpointing setting (bench.plan's notation), batch
-GPU_ROWS = [("ms_resnet18", "none", 64), ("ms_resnet18", "1", 64), ("ms_resnet104", "none", 32),
-            ("ms_resnet104", "1", 32)]
+GPU_ROWS = [("ms_resnet18", "none", 64), ("ms_resnet18", "1", 64), ("ms_resnet34", "none", 64),
+            ("ms_resnet34", "1", 64), ("ms_resnet104", "none", 32), ("ms_resnet104", "1", 32)]
 # grow, tol: the largest-batch search's steps (bench.plan.search_largest); the dry run's are coarse, as its
 # MS-ResNet-104 steps are slow on a CPU.
 GPU = dict(res=224, T=6, steps=5, warmup=2, calib_res=64, reserve_gib=2.0, lif_batch=64, grow=1.25, tol=0.03)
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.distributed import init_distributed
 
     if not a.cpu_dry_run and not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_check_speed needs a CUDA GPU (or --cpu-dry-run)")
-    _, _, device = init_distributed("")
+        raise SystemExit("bench.gpu_check.speed needs a CUDA GPU (or --cpu-dry-run)")
+    _, _, device = init_distributed("", "cpu" if a.cpu_dry_run else "cuda")
     p, rows = (CPU, CPU_ROWS) if a.cpu_dry_run else (GPU, GPU_ROWS)
     if device.type == "cuda":
         total_gib = torch.cuda.get_device_properties(device).total_memory / GiB
