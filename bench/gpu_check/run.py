@@ -38,6 +38,7 @@ import xml.etree.ElementTree as ET
 from importlib import metadata
 from pathlib import Path
 
+from bench.gpu_check.bundle import NO_DEPS, PREINSTALLED, RESOLVED
 from bench.gpu_check.train import FP16_ON_CPU
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,15 +55,18 @@ DRY_RUN_TESTS = "not triton and not traces and not opcheck and not missing_compi
 # CUDA cases, most of the time cold Triton compiles. With ~15 s of bundle install and ~45 s of op build they
 # fill the 6 minutes (gpu_check.sh). Ray is 0 there: the bundle has no Ray.
 STAGES = {"speed": (110, 150), "train": (100, 240), "nccl": (25, 60), "tests": (70, 90), "ray": (230, 300)}
-PACKAGES = ("torch", "triton", "torchvision", "numpy", "deepspeed", "pydantic", "hjson", "webdataset", "wids",
-            "simplejpeg", "spikingjelly", "mlflow-skinny", "mlflow", "ray", "cupy-cuda13x", "pytest")
+# Every version the JSON records: the machine's own packages, the bundle's, and what the bundle leaves out.
+PACKAGES = (*PREINSTALLED, "deepspeed", *RESOLVED, *NO_DEPS, "pydantic-core", "mlflow", "ray")
 
 
 def environment(dry_run: bool) -> dict:
     import torch
 
+    from trainer.distributed import cuda_found
+
     env = {"python": platform.python_version(), "mode": "cpu-dry-run" if dry_run else "gpu",
-           "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count()}
+           "cuda_available": torch.cuda.is_available(), "cuda_found": cuda_found(), "torch_cuda": torch.version.cuda,
+           "cpus": os.cpu_count()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
