@@ -8,9 +8,16 @@ STAMP := $(VENV)/.deepspike-installed
 # loaded by models/lif_op.py) and the JPEG window decoder (deepspike_jpeg, dataloaders/decoders.py); this
 # stamp says which sources they were built from.
 OPS := $(VENV)/.deepspike-ops-built
-# libjpeg-dev: deepspike_jpeg's headers. chromium (+ a font) renders the MLflow UI in the browser test and the docs screenshots.
-APT_PKGS := pkg-config g++ libopencv-dev libturbojpeg0-dev libjpeg-dev postgresql chromium fonts-dejavu-core
-export DS_ACCELERATOR ?= cpu
+# What training needs: the compiled ops (g++; libjpeg-dev: deepspike_jpeg's headers) and ffcv's C extension
+# (OpenCV, libturbojpeg). The training image (cluster/Dockerfile) installs this list only.
+APT_TRAIN := pkg-config g++ libopencv-dev libturbojpeg0-dev libjpeg-dev
+# What only the tests and docs need: PostgreSQL for the MLflow server's postgres backend, chromium (+ a font)
+# to render the MLflow UI in the browser test and the docs screenshots.
+APT_TEST := postgresql chromium fonts-dejavu-core
+# TRAINING_ONLY=1 (the training image): training's apt packages and pip extras, no test or benchmark tools.
+APT_PKGS := $(APT_TRAIN) $(if $(TRAINING_ONLY),,$(APT_TEST))
+TEST_EXTRAS := ,dev,peers,decoders
+EXTRAS := ffcv$(if $(TRAINING_ONLY),,$(TEST_EXTRAS))
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 .PHONY: demo test lint bench clean-venv
@@ -24,9 +31,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# Prebuild DeepSpeed's shm comm op so no rank JIT-compiles it at start-up.
 	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install -q --no-build-isolation -c constraints.txt deepspeed
 	# compat mode puts the checkout on sys.path, so packages added later need no reinstall.
-	$(PIP) install -q -c constraints.txt -e ".[ffcv,dev,peers,decoders]" --config-settings editable_mode=compat
-	$(PIP) install -q --no-deps spikingjelly==2.0.0
-	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv, spikingjelly; print('stack ok', torch.__version__)"
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]" --config-settings editable_mode=compat
+	$(if $(TRAINING_ONLY),,$(PIP) install -q --no-deps spikingjelly==2.0.0)
+	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv; print('stack ok', torch.__version__)"
 	touch $(STAMP)
 
 $(OPS): models/csrc/lif_cpu.cpp dataloaders/csrc/jpeg_window.c models/csrc/build.py $(STAMP)

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                         "wds", "--size", "16"], cwd=ROOT, check=True)
     store = local_store_uri(OUT)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
 
     name = f"torchrun-{stamp}"
     start = timed([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "trainer.train",

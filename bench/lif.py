@@ -8,6 +8,7 @@ which its fused kernels do run: a different surrogate, timed only as the fastest
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 
@@ -47,6 +48,10 @@ def _implementations(device: torch.device) -> dict[str, Callable[[torch.Tensor],
         sigmoid = spikingjelly_lif(LIF())
         sigmoid.surrogate_function = surrogate.Sigmoid()
         impls["SpikingJelly LIFNode, Sigmoid (fused)"] = stateful(sigmoid)
+        if importlib.util.find_spec("cupy") is not None:  # its CuPy kernels, where CuPy is installed
+            cupy = spikingjelly_lif(LIF())
+            cupy.surrogate_function, cupy.backend = surrogate.Sigmoid(), "cupy"
+            impls["SpikingJelly LIFNode, Sigmoid (CuPy)"] = stateful(cupy)
     return impls
 
 

@@ -105,7 +105,7 @@ def _alive(pgid: int) -> bool:
     return True
 
 
-def _kill_groups(pgids: list[int], grace_s: float = 5.0) -> None:
+def kill_groups(pgids: list[int], grace_s: float = 5.0) -> None:
     """SIGTERM these process groups and all their descendants (job entrypoints start their own
     sessions), then SIGKILL whatever is left after `grace_s`."""
     procs = {}
@@ -181,7 +181,7 @@ class LocalCluster:
         # take precedence). Only these additions are recorded (to restart a dead node exactly), never the
         # caller's whole environment.
         env = dict(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), DS_ACCELERATOR="cpu",
+                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                    MLFLOW_TRACKING_URI=mlflow_uri, DEEPSPIKE_STORAGE=str(self.dir / "storage"),
                    LD_PRELOAD=str(shim))
         st = {"dir": str(self.dir), "workers": workers, "ips": ips, "ray_tmp": ray_tmp,
@@ -247,7 +247,7 @@ class LocalCluster:
                                "run `cluster/local.sh down` and `up` again")
         for name in dead:
             # Ray's agents can outlive their raylet (docs/stack.md §3): clear the node's remains first.
-            _kill_groups([st["pgids"][name]], grace_s=2)
+            kill_groups([st["pgids"][name]], grace_s=2)
             argv, env = st["argv"][name], st["env"][name]
             if name == "mlflow":
                 proc = self._spawn(st, name, argv, env)
@@ -286,7 +286,7 @@ class LocalCluster:
         st = self.state()
         if not st:
             return
-        _kill_groups(list(st["pgids"].values()))
+        kill_groups(list(st["pgids"].values()))
         if st.get("mlflow_backend") == "postgres":
             subprocess.run(["bash", str(ROOT / "cluster/mlflow/server.sh"), "stop", str(self.dir / "mlflow")],
                            check=True)

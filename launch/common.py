@@ -31,7 +31,7 @@ from pathlib import Path
 import ray
 import ray.train
 from ray.train import CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from dataloaders.manifest import is_remote, manifest_rel
 from trainer.batch_setting import BatchSetting, batch_setting
@@ -248,6 +248,10 @@ def train_loop(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=Path(ckpt_dir).name,
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
+    if cfg.engine.device == "cuda":  # a GPU worker (launch): the GPU Ray Train gave it, checked by the trainer
+        assigned = get_device()
+        if assigned.type == "cuda":
+            cfg.engine.device = str(assigned)
     if ray.train.get_checkpoint() is not None:
         # A restart after a failure, or a resubmitted run name. Not from Ray's reference: a node that dies
         # right after a save takes that save's report with it, so the trainer's newest step is newer.
@@ -271,6 +275,8 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
     ray.init(runtime_env=_runtime_env())
     scaling = scaling_config(args, cfg, ray.nodes())
     batch = check_batch(cfg, scaling.max_workers, on_gpu=scaling.use_gpu)
+    if scaling.use_gpu and cfg.engine.device == "auto":
+        cfg.engine.device = "cuda"  # a worker whose GPU torch cannot use stops instead of training on its CPU
     print(f"[launch] plan {json.dumps(batch.to_dict())}", flush=True)
     if args.no_resume and (aside := set_aside(Path(cfg.run_dir))):
         print(f"[launch] --no-resume: moved the earlier run to {aside}", flush=True)

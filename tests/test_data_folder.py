@@ -94,7 +94,7 @@ def test_folder_trains_end_to_end_with_the_head_from_the_manifest(classes, tmp_p
     cfg = build_config(parse_args(["--recipe", "ms_resnet18_folder", "--data", str(tmp_path / "data")], "x"),
                        ("imagenet", "folder"))
     assert cfg.data.dataset == "folder" and cfg.model.num_classes == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "trainer.train", "--recipe", "ms_resnet18_folder", "--set",
                            *overrides], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

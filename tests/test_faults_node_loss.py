@@ -21,7 +21,7 @@ import mlflow
 import pytest
 from ray.job_submission import JobStatus
 
-from cluster.local import LocalCluster, _alive, _kill_groups
+from cluster.local import LocalCluster, _alive, kill_groups
 from launch.common import LaunchError, scaling_config, workers_that_fit
 from tests.cluster_fixtures import digits_wds, local_cluster, local_sh
 from trainer.checkpoint import find_resume_checkpoint, read_meta
@@ -118,7 +118,7 @@ def test_node_loss_run_goes_on_with_the_node_left_and_up_restarts_only_the_dead_
     first_id = json.loads((run / "checkpoints/step_00000020/meta.json").read_text())["mlflow_run_id"]
 
     killed_at, step_at_kill = time.monotonic(), logged_step(run)
-    _kill_groups([cluster.state["pgids"]["worker2"]], grace_s=0)  # the node's raylet, agents and workers
+    kill_groups([cluster.state["pgids"]["worker2"]], grace_s=0)  # the node's raylet, agents and workers
     newest_at_kill = newest_step(run)
 
     def resumed() -> list[tuple[int, int]]:
@@ -168,7 +168,7 @@ def test_node_loss_run_goes_on_with_the_node_left_and_up_restarts_only_the_dead_
     short = cluster.storage / "short"
     assert cluster.wait(sid, until=lambda: newest_step(short) >= 10) == JobStatus.RUNNING, cluster.logs(sid)[-3000:]
     killed_at = time.monotonic()
-    _kill_groups([after["worker2"]], grace_s=0)
+    kill_groups([after["worker2"]], grace_s=0)
     assert cluster.wait(sid, timeout=300) == JobStatus.FAILED, cluster.logs(sid)[-3000:]
     fail_s = time.monotonic() - killed_at
     errors = [line for line in cluster.logs(sid).splitlines() if line.startswith("error:")]

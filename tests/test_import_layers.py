@@ -1,6 +1,6 @@
-"""The import rule, read from the source: `models` and `dataloaders` import nothing of ours, `trainer`
-builds on those two, and `analysis`, `bench` and `launch` sit on top. An upward import fails here, and so
-does a cycle of modules importing each other (lazy imports inside functions count)."""
+"""The import rule, read from the source: `models`, `dataloaders` and `cluster` import nothing of ours,
+`trainer` builds on the first two, and `analysis`, `bench` and `launch` sit on top (the last two also use
+`cluster`). An upward import fails here; so does a package a non-editable install would leave out."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ BASE = {"models", "dataloaders"}
 MAY_IMPORT = {
     "models": set(),
     "dataloaders": set(),
+    "cluster": set(),
     "trainer": BASE,
     "analysis": BASE | {"trainer"},
-    "bench": BASE | {"trainer", "analysis"},  # benchmarks measure the analysis tools too
-    "launch": BASE | {"trainer"},
+    "bench": BASE | {"trainer", "analysis", "cluster"},  # benchmarks measure the analysis tools too
+    "launch": BASE | {"trainer", "cluster"},
 }
 
 
@@ -86,3 +87,29 @@ def test_the_checker_sees_lazy_and_dotted_imports(tmp_path):
     src.write_text("import os\nimport trainer.config\n\ndef f():\n    from analysis.spikes import x\n"
                    "    from . import sibling\n")
     assert ours_imported(src) == {"trainer", "analysis"}
+
+
+def test_a_wheel_of_the_project_holds_every_layer_and_the_files_cluster_runs(tmp_path):
+    """A non-editable install gets what the wheel holds: each package above with its __init__, and the files
+    `cluster.local` and the GPU check start at run time."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"  # a copy of the checkout: setuptools writes build/ and egg-info into the source
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, src / f)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=600,
+                   env=dict(os.environ, PIP_NO_CACHE_DIR="1"))
+    (wheel,) = tmp_path.glob("deepspike-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"{p}/__init__.py" for p in MAY_IMPORT} <= names
+    assert {"cluster/local.py", "cluster/bind_node_addr.c", "cluster/local.sh", "cluster/mlflow/server.sh",
+            "bench/gpu_check.sh", "bench/gpu_check/__init__.py", "bench/gpu_check/run.py"} <= names

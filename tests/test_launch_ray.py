@@ -24,7 +24,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import StateApiClient
 from ray.util.state.common import ListApiOptions, StateResource
 
-from cluster.local import _kill_groups, auth_headers, client_env
+from cluster.local import auth_headers, client_env, kill_groups
 from tests.cluster_fixtures import digits_wds, local_cluster
 from trainer.checkpoint import find_resume_checkpoint, read_meta
 
@@ -218,7 +218,7 @@ def test_node_lost_right_after_a_save_resumes_from_the_newest_step(cluster):
     sid = cluster.submit("node-loss", *TINY, "optim.max_steps=60")
     newest = cluster.storage / "node-loss/checkpoints/step_00000040"
     assert cluster.wait(sid, until=newest.exists) == JobStatus.RUNNING
-    _kill_groups([cluster.state["pgids"]["worker2"]], grace_s=0)  # the node's raylet and its workers
+    kill_groups([cluster.state["pgids"]["worker2"]], grace_s=0)  # the node's raylet and its workers
     subprocess.run([str(BIN / "ray"), "job", "stop", sid], env=cluster.env, check=True, capture_output=True)
     assert cluster.wait(sid, timeout=120).is_terminal()
 

@@ -19,7 +19,7 @@ from trainer.export import main as export_main
 def test_demo_recipe_learns_real_digits(tmp_path, tmp_path_factory, capsys):
     data = digits_shards(tmp_path_factory)
     run_dir = tmp_path / "demo"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trainer.train",
            "--recipe", "digits_demo", "--set", f"data.path={data}", f"run_dir={run_dir}",
            "mlflow.enabled=false"]

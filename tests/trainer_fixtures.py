@@ -11,15 +11,13 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is imported, in the children too
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from trainer.config import TrainConfig, apply_overrides  # noqa: E402
-from trainer.distributed import free_port  # noqa: E402
-from trainer.recipes import get_recipe  # noqa: E402
+from trainer.config import TrainConfig, apply_overrides
+from trainer.distributed import free_port
+from trainer.recipes import get_recipe
 
 
 def digits_shards(tmp_path_factory) -> Path:

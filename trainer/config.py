@@ -87,6 +87,12 @@ class EngineConfig:
     backend: str = ""
     """torch.distributed backend; '' picks 'cpu:gloo,cuda:nccl' with CUDA (CPU tensors need a backend too)
     and gloo otherwise."""
+    device: str = "auto"
+    """'auto' (this rank's GPU where torch finds GPUs, else the CPU), 'cpu', 'cuda' (stop at start-up when this
+    rank's GPU is missing: the launchers set it for GPU workers) or 'cuda:K' (that GPU; what Ray Train assigned)."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN time its convolution algorithms on the first steps and keep the fastest (training shapes are
+    fixed); false for runs that must repeat bit for bit."""
     nonfinite: str = "rollback"
     """A NaN/inf loss or gradient on any rank (all ranks act alike): 'rollback' reloads the newest checkpoint
     (always finite), skips the training batches from there to the failing step and continues; 'skip' drops
@@ -102,6 +108,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.nonfinite not in ("rollback", "skip", "stop"):
             raise ValueError(f"engine.nonfinite={self.nonfinite!r}; expected 'rollback', 'skip' or 'stop'")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"engine.device={self.device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:K'")
         if self.max_rollbacks < 0:
             raise ValueError(f"engine.max_rollbacks={self.max_rollbacks} must be >= 0")
 

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,50 @@ def process_group_backend(on_gpu: bool, configured: str = "") -> str:
     return configured or (GPU_BACKEND if on_gpu else "gloo")
 
 
-def init_distributed(backend: str) -> tuple[int, int, torch.device]:
-    """Join the process group the launcher made (torchrun's environment, or Ray's group), or make a world
-    of one; returns (rank, world size, this rank's device)."""
+class DeviceError(RuntimeError):
+    """A run asked for a device this process cannot use; the message is one line naming what it found."""
+
+
+def cuda_found() -> str:
+    """What this process finds of CUDA, in one line: the driver, torch's CUDA build, the visible GPUs."""
+    try:
+        driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0].split("Kernel Module")[-1]
+        driver = f"NVIDIA driver {driver.split()[0]}" if driver.split() else "an NVIDIA driver"
+    except (OSError, IndexError):
+        driver = "no NVIDIA driver (/proc/driver/nvidia/version absent)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"{driver}, torch {torch.__version__} built for CUDA {torch.version.cuda or 'none (CPU-only build)'}, "
+            f"{torch.cuda.device_count()} GPU(s) usable, CUDA_VISIBLE_DEVICES="
+            f"{'unset' if visible is None else repr(visible)}")
+
+
+def select_device(requested: str, local_rank: int) -> torch.device:
+    """This rank's training device from `engine.device`: 'auto' (GPU `local_rank` where torch finds GPUs,
+    else the CPU), 'cpu', 'cuda' (GPU `local_rank`) or 'cuda:K' (Ray Train's assignment, see
+    launch.common.train_loop). A run that asked for a GPU it cannot have stops here: on a node whose driver is
+    too old for torch's CUDA build, `torch.cuda.is_available()` is False and the run would otherwise train on
+    the CPU over gloo without a word."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if requested == "auto" and gpus == 0:
+        return torch.device("cpu")
+    device = torch.device(requested if requested.startswith("cuda:") else f"cuda:{local_rank}")
+    if device.index >= gpus:
+        raise DeviceError(f"engine.device={requested} needs GPU {device.index} (local rank {local_rank}) but this "
+                          f"process finds {cuda_found()}")
+    accelerator = os.environ.get("DS_ACCELERATOR", "")
+    if accelerator not in ("", "cuda"):
+        raise DeviceError(f"DS_ACCELERATOR is {accelerator!r} on a node that trains on {device}: DeepSpeed would keep "
+                          "the model on its own accelerator while the batches are CUDA tensors; unset it")
+    return device
+
+
+def init_distributed(backend: str, device: str = "auto", cudnn_benchmark: bool = True) -> tuple[int, int,
+                                                                                                  torch.device]:
+    """Pick this rank's device (`select_device`, before any collective, so a rank without its GPU stops
+    alone and at once), then join the process group the launcher made (torchrun's environment, or Ray's
+    group), or make a world of one; returns (rank, world size, this rank's device)."""
     import deepspeed  # not at import time: the launchers use `process_group_backend` without it
 
     if not dist.is_initialized() and "RANK" not in os.environ:
@@ -42,13 +84,15 @@ def init_distributed(backend: str) -> tuple[int, int, torch.device]:
         # gives it. A port picked free beforehand can be taken before the store binds it (EADDRINUSE next to
         # a running Ray cluster, seen in CI), and no other rank needs to know it.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-    on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend=process_group_backend(on_gpu, backend))
-    device = torch.device("cpu")
+    chosen = select_device(device, int(os.environ.get("LOCAL_RANK", 0)))
+    on_gpu = chosen.type == "cuda"
     if on_gpu:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+        torch.cuda.set_device(chosen)
+        # Training shapes are fixed, so cuDNN's autotuned algorithms pay off from the second step; off for
+        # runs that must repeat bit for bit (the autotuner may pick another algorithm in another process).
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    deepspeed.init_distributed(dist_backend=process_group_backend(on_gpu, backend))
+    return dist.get_rank(), dist.get_world_size(), chosen
 
 
 def seed_all(seed: int) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from trainer.config import TrainConfig, apply_overrides, load_config
+from trainer.distributed import DeviceError
 from trainer.health import NonFiniteError
 from trainer.recipes import get_recipe
 from trainer.trainer import Report, Trainer
@@ -77,6 +78,8 @@ if __name__ == "__main__":
     except NonFiniteError as e:  # the run's own verdict, not a bug: one line, no traceback
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"[trainer] stopped: {e}", file=sys.stderr)
+    except DeviceError as e:  # the GPU this rank asked for is missing: one line naming what it found
+        print(f"[trainer] stopped: {e}", file=sys.stderr)
     except BaseException:
         traceback.print_exc()  # os._exit below would swallow it
     finally:

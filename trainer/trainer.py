@@ -53,7 +53,8 @@ class RolledBack(Exception):
 class Trainer:
     def __init__(self, cfg: TrainConfig, report: Report | None = None):
         self.cfg, self.report = cfg, report
-        self.rank, self.world, self.device = init_distributed(cfg.engine.backend)
+        self.rank, self.world, self.device = init_distributed(cfg.engine.backend, cfg.engine.device,
+                                                                cfg.engine.cudnn_benchmark)
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.resolved_run_dir() / "checkpoints",
                                              cfg.engine.zero_stage)
         self.resumed_from = self.checkpoints.resume_point

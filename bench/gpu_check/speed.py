@@ -1,8 +1,8 @@
-"""Stages (c) and (d) of bench/gpu_check.sh: training speed and memory, and the memory planner beside them.
+"""Stage `speed` of bench/gpu_check.sh: training speed and memory, and the memory planner beside them.
 
-    python -m bench.gpu_check_speed --json out.json [--cpu-dry-run] [--budget-s 170]
+    python -m bench.gpu_check.speed --json out.json [--cpu-dry-run] [--budget-s 100]
 
-(c) MS-ResNet-18 and MS-ResNet-104 at 224 px, T=6, bf16, without and with activation checkpointing (every
+(c) MS-ResNet-18, -34 and -104 at 224 px, T=6, bf16, without and with activation checkpointing (every
 block): images/s and memory of the trainer's step (the recipe's config, the DeepSpeed engine from
 `trainer.wrap`, autocast forward, loss, engine.backward, engine.step) on in-memory batches, so the figures
 are the model's and the engine's, not a JPEG decoder's. Then the largest MS-ResNet-104 batch that fits the
@@ -14,8 +14,9 @@ device), the whole peak (on a GPU: the caching allocator's peak reservation; on 
 resident set, which also counts the interpreter and libraries) and the largest batch.
 Also the fused LIF op's forward + backward ms against the reference and SpikingJelly (bench.lif).
 
---cpu-dry-run: the same sequence at toy sizes on the CPU, the largest-batch search against a cap on the
-measured peak resident set instead of an allocator cap (a CPU allocation does not fail).
+--cpu-dry-run: the same sequence at toy sizes on the CPU (MS-ResNet-34 in the 104's place), the largest-batch
+search against a cap on the measured peak resident set instead of an allocator cap (a CPU allocation does
+not fail).
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ import torch.nn.functional as F
 from bench.max_batch import GiB, _peak, _settle, calibrate, measure, parse_setting, search_largest
 
 # model, activation checkpointing setting (bench.max_batch's notation), batch
-GPU_ROWS = [("ms_resnet18", "none", 64), ("ms_resnet18", "1", 64), ("ms_resnet104", "none", 32),
-            ("ms_resnet104", "1", 32)]
-# grow, tol: the largest-batch search's steps (bench.max_batch.search_largest); the dry run's are coarse, as its
-# MS-ResNet-104 steps are slow on a CPU.
-GPU = dict(res=224, T=6, steps=5, warmup=2, calib_res=64, reserve_gib=2.0, lif_batch=64, grow=1.25, tol=0.03)
-CPU_ROWS = [("ms_resnet18", "none", 2), ("ms_resnet18", "1", 2), ("ms_resnet104", "none", 2),
-            ("ms_resnet104", "1", 2)]
-# 32 px is the least MS-ResNet-104's stem and strides take, so the dry run calibrates at the rows' size.
-CPU = dict(res=32, T=2, steps=1, warmup=1, calib_res=32, lif_batch=2, grow=2.0, tol=0.5)
+GPU_ROWS = [("ms_resnet18", "none", 64), ("ms_resnet18", "1", 64), ("ms_resnet34", "none", 64),
+            ("ms_resnet34", "1", 64), ("ms_resnet104", "none", 32), ("ms_resnet104", "1", 32)]
+# grow, tol: the largest-batch search's steps (bench.max_batch.search_largest) for the deepest model's rows; the dry
+# run's are coarse, as its steps are slow on a CPU.
+GPU = dict(res=224, T=6, steps=5, warmup=2, calib_res=64, reserve_gib=2.0, lif_batch=64, grow=1.25, tol=0.03,
+           deepest="ms_resnet104")
+# The dry run's deep model is MS-ResNet-34: the same code paths, in a fraction of the 104's CPU time.
+CPU_ROWS = [("ms_resnet18", "none", 2), ("ms_resnet18", "1", 2), ("ms_resnet34", "none", 2),
+            ("ms_resnet34", "1", 2)]
+# 32 px is the least the models' stems and strides take, so the dry run calibrates at the rows' size.
+CPU = dict(res=32, T=2, steps=1, warmup=1, calib_res=32, lif_batch=2, grow=2.0, tol=0.5, deepest="ms_resnet34")
 
 
 def engine_row(name: str, setting: str, batch: int, p: dict, device: torch.device) -> dict:
@@ -145,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.distributed import init_distributed
 
     if not a.cpu_dry_run and not torch.cuda.is_available():
-        raise SystemExit("bench.gpu_check_speed needs a CUDA GPU (or --cpu-dry-run)")
-    _, _, device = init_distributed("")
+        raise SystemExit("bench.gpu_check.speed needs a CUDA GPU (or --cpu-dry-run)")
+    _, _, device = init_distributed("", "cpu" if a.cpu_dry_run else "cuda")
     p, rows = (CPU, CPU_ROWS) if a.cpu_dry_run else (GPU, GPU_ROWS)
     if device.type == "cuda":
         total_gib = torch.cuda.get_device_properties(device).total_memory / GiB
@@ -182,9 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         result["rows"].append(row)
         save()
     if device.type == "cpu":  # a toy cap: what the planner says 4 images need, so the search has an answer
-        cap_gib = fits["ms_resnet104", "none"].peak(4, p["res"]) / GiB if ("ms_resnet104", "none") in fits else 0
+        cap_gib = fits[p["deepest"], "none"].peak(4, p["res"]) / GiB if (p["deepest"], "none") in fits else 0
     for (name, setting), fit in fits.items():
-        if name != "ms_resnet104" or (name, setting) not in image_s:  # not its failed rows
+        if name != p["deepest"] or (name, setting) not in image_s:  # not its failed rows
             continue
         # What is left of the budget, less time for the LIF timings and the exit.
         deadline = t_start + a.budget_s - (30 if device.type == "cuda" else 15)

@@ -1,25 +1,29 @@
-"""The prepared GPU check (issues 5, 9 and 11): run by bench/gpu_check.sh, which first installs what a bare GPU
-box lacks; one H200-class GPU, 8 minutes in all. Never run by CI.
+"""The GPU check's stages, run by bench/gpu_check.sh after it installed the offline bundle and built the
+compiled ops; one H100 or H200, 6 minutes in all with those install steps. Never run by CI.
 
-    python -m bench.gpu_check --out DIR [--budget-s 460] [--cpu-dry-run] [--work DIR]
+    python -m bench.gpu_check.run --out DIR [--budget-s 300] [--cpu-dry-run] [--work DIR] [--stages a,b]
 
-Stages, in order, each a subprocess with its own timeout, cut to what the whole budget has left; a stage
-that fails or runs out of time is recorded in DIR/gpu_check.json (rewritten after every stage) and the
-next one runs:
-  tests  (a) pytest tests/test_models_reference.py tests/test_lif_op.py: their `device` variants run on
-         CUDA where there is a GPU (the Triton LIF kernel, CUDA convs); pass/fail/skip counts, CUDA cases
-  ray    (b) bench.gpu_check_ray: `ray job submit -- python launch/imagenet.py --nodes 1 --gpus-per-node 1`
-         on synthetic ImageNet shards, bf16 then fp16, killed and resumed once, weights against an
-         uninterrupted run
-  speed  (c, d) bench.gpu_check_speed: MS-ResNet-18/104 at 224 px, T=6, images/s and memory with and
-         without activation checkpointing, the largest 104 batch, bench.max_batch's prediction beside each
+Stages, in this order (the speed table first: it is what the GPU time is for), each a subprocess with its
+own timeout, cut to what the whole budget has left; a stage that fails or runs out of time is recorded in
+DIR/gpu_check.json (rewritten after every stage) and the next one runs:
+  speed  bench.gpu_check.speed: MS-ResNet-18/34/104 at 224 px, T=6, bf16, images/s and memory with and
+         without activation checkpointing, the largest 104 batch, bench.max_batch's prediction beside each; the
+         LIF op's forward + backward against the reference and SpikingJelly's LIFNode (its CuPy kernels too)
+  train  bench.gpu_check.train: `python -m trainer.train` on one GPU, bf16 then fp16, killed and resumed,
+         weights against an uninterrupted run
+  nccl   bench.gpu_check.nccl: the trainer's 'cpu:gloo,cuda:nccl' group, world of one, evaluation on the device
+  tests  pytest tests/test_models_reference.py tests/test_lif_op.py, their CUDA variants (the Triton LIF
+         kernel through the registered op and autograd against the reference, double backward, compile)
+  ray    bench.gpu_check.ray_stage: the train stage through `ray job submit`; skipped, with the reason in
+         the JSON, where Ray is not installed (the offline bundle leaves it out: its wheel alone is ~78 MB)
 --cpu-dry-run runs the same sequence at toy sizes on the CPU (tests/test_gpu_check.py): DeepSpeed has no
-fp16 there, so the fp16 stage runs in fp32 and the JSON says "fp16": "substituted on CPU".
+fp16 there, so the fp16 runs are fp32 and the JSON says "fp16": "substituted on CPU".
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -34,24 +38,35 @@ import xml.etree.ElementTree as ET
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.gpu_check.bundle import NO_DEPS, PREINSTALLED, RESOLVED
+from bench.gpu_check.train import FP16_ON_CPU
+
+ROOT = Path(__file__).resolve().parents[2]
 TEST_FILES = ["tests/test_models_reference.py", "tests/test_lif_op.py"]
-# The dry run leaves out the four tests that only re-check CPU-side machinery (interpreter, compile, opcheck,
-# the missing-op message): they take most of the files' CPU time and the GPU run has them all.
+# On a GPU only the CUDA variants (CI runs the CPU ones). The dry run leaves out the four tests that only
+# re-check CPU-side machinery (interpreter, compile, opcheck, the missing-op message): they take most of the
+# files' CPU time.
+GPU_TESTS = "cuda"
 DRY_RUN_TESTS = "not triton and not traces and not opcheck and not missing_compiled"
-# name: (timeout on the GPU box, timeout in the CPU dry run), seconds; with ~25 s of install steps they fill
-# the 8 minutes. GPU guesses (no GPU has run them yet): tests < 1 min; ray 4 jobs of ~40-60 s, mostly
-# start-up; speed: the rows ~1 min, then the largest-batch searches take what is left (they stop in time).
-STAGES = {"tests": (80, 60), "ray": (230, 150), "speed": (140, 80)}
-PACKAGES = ("torch", "deepspeed", "ray", "webdataset", "wids", "mlflow", "pytest", "spikingjelly", "triton")
-FP16_ON_CPU = "substituted on CPU: DeepSpeed's CPU accelerator has no fp16; that stage ran in fp32"
+# name: (timeout on one H100, timeout in the CPU dry run), seconds. No GPU has run them yet; the GPU column
+# is an estimate from the CPU runs and the work each does: speed 6 rows of ~8 s (2 warm-up + 5 steps, an
+# engine build) plus the calibrations, the largest-batch search stops in time; train 4 trainer.train
+# processes of ~15 s start-up + 30 steps (2 of them twice: killed, resumed); nccl one start-up; tests ~25
+# CUDA cases, most of the time cold Triton compiles. With ~15 s of bundle install and ~45 s of op build they
+# fill the 6 minutes (gpu_check.sh). Ray is 0 there: the bundle has no Ray.
+STAGES = {"speed": (110, 150), "train": (100, 240), "nccl": (25, 60), "tests": (70, 90), "ray": (230, 300)}
+# Every version the JSON records: the machine's own packages, the bundle's, and what the bundle leaves out.
+PACKAGES = (*PREINSTALLED, "deepspeed", *RESOLVED, *NO_DEPS, "pydantic-core", "mlflow", "ray")
 
 
 def environment(dry_run: bool) -> dict:
     import torch
 
+    from trainer.distributed import cuda_found
+
     env = {"python": platform.python_version(), "mode": "cpu-dry-run" if dry_run else "gpu",
-           "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count()}
+           "cuda_available": torch.cuda.is_available(), "cuda_found": cuda_found(), "torch_cuda": torch.version.cuda,
+           "cpus": os.cpu_count()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
@@ -114,25 +129,29 @@ def junit_counts(xml_path: Path) -> dict:
 def commands(work: Path, dry_run: bool, timeouts: dict[str, float]) -> dict[str, tuple[list[str], Path]]:
     py, dry = sys.executable, ["--cpu-dry-run"] if dry_run else []
     xml = work / "tests.xml"
-    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES, f"--junitxml={xml}", "-rfEs"]
-    if dry_run:
-        tests += ["-k", DRY_RUN_TESTS]
+    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES, f"--junitxml={xml}", "-rfEs",
+             "-k", DRY_RUN_TESTS if dry_run else GPU_TESTS]
     # Each job may use the stage's time less what data and the cluster start take, split over 4 jobs.
     job_timeout = max(30.0, (timeouts["ray"] - 20) / 4 * 1.5)
-    return {"tests": (tests, xml),
-            "ray": ([py, "-m", "bench.gpu_check_ray", "--work", str(work / "ray"), "--json",
-                     str(work / "ray.json"), "--job-timeout", f"{job_timeout:.0f}", *dry], work / "ray.json"),
-            "speed": ([py, "-m", "bench.gpu_check_speed", "--json", str(work / "speed.json"),
-                       "--budget-s", f"{timeouts['speed']:.0f}", *dry], work / "speed.json")}
+    # The train stage's 6 processes (2 of them restarts) share its time less the data's.
+    run_timeout = max(30.0, (timeouts["train"] - 10) / 4)
+    return {"speed": ([py, "-m", "bench.gpu_check.speed", "--json", str(work / "speed.json"),
+                       "--budget-s", f"{timeouts['speed']:.0f}", *dry], work / "speed.json"),
+            "train": ([py, "-m", "bench.gpu_check.train", "--work", str(work / "train"), "--json",
+                       str(work / "train.json"), "--run-timeout", f"{run_timeout:.0f}", *dry], work / "train.json"),
+            "nccl": ([py, "-m", "bench.gpu_check.nccl", "--json", str(work / "nccl.json"), *dry], work / "nccl.json"),
+            "tests": (tests, xml),
+            "ray": ([py, "-m", "bench.gpu_check.ray_stage", "--work", str(work / "ray"), "--json",
+                     str(work / "ray.json"), "--job-timeout", f"{job_timeout:.0f}", *dry], work / "ray.json")}
 
 
 def after_ray(work: Path, out: Path) -> None:
     """Stop a Ray head the stage could not stop itself (killed past its timeout), keep the job logs."""
-    from cluster.local import _kill_groups
+    from cluster.local import kill_groups
 
     pgids = work / "ray/ray_pgids.json"
     if pgids.is_file():
-        _kill_groups(json.loads(pgids.read_text()))
+        kill_groups(json.loads(pgids.read_text()))
         print("[gpu_check] stopped the ray stage's Ray head left behind", flush=True)
     (out / "ray_logs").mkdir(exist_ok=True)
     for log in (work / "ray").glob("*.log"):
@@ -157,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(a.work or tempfile.mkdtemp(prefix="deepspike-gpu-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     col = 1 if a.cpu_dry_run else 0
-    planned = sum(t[col] for t in STAGES.values())
+    names = a.stages.split(",")
+    unavailable = {"ray"} & set(names) if importlib.util.find_spec("ray") is None else set()
+    planned = sum(STAGES[n][col] for n in names if n not in unavailable)
     budget = a.budget_s or planned
     result = {"mode": "cpu-dry-run" if a.cpu_dry_run else "gpu", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
               time.gmtime()), "budget_s": budget, "work": str(work), "env": environment(a.cpu_dry_run),
@@ -166,12 +187,15 @@ def main(argv: list[str] | None = None) -> None:
         result["fp16"] = FP16_ON_CPU
     json_path = out / "gpu_check.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if a.cpu_dry_run:
-        env["DS_ACCELERATOR"] = "cpu"
     # A larger budget (a loaded machine) stretches every stage's timeout alike.
     timeouts = {name: t[col] * max(1.0, budget / planned) for name, t in STAGES.items()}
     cmds = commands(work, a.cpu_dry_run, timeouts)
-    for name in a.stages.split(","):
+    for name in names:
+        if name in unavailable:
+            why = "Ray is not installed here (the offline bundle leaves it out); the train stage ran without it"
+            result["stages"][name] = {"status": "unavailable", "error": why}
+            print(f"[gpu_check] == {name}: UNAVAILABLE ({why})", flush=True)
+            continue
         left = budget - (time.monotonic() - t0)
         timeout = min(timeouts[name], left)
         if timeout < 10:
@@ -199,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[gpu_check] == {name}: {status.upper()} in {stage['seconds']} s", flush=True)
     result["total_seconds"] = round(time.monotonic() - t0, 1)
     json_path.write_text(json.dumps(result, indent=1))
-    failed = [n for n, s in result["stages"].items() if s["status"] != "ok"]
+    failed = [n for n, s in result["stages"].items() if s["status"] not in ("ok", "unavailable")]
     if not a.work and not failed:
         shutil.rmtree(work, ignore_errors=True)  # data and checkpoints; kept when a stage needs looking into
     print(f"[gpu_check] done in {result['total_seconds']} s; {json_path}; "
