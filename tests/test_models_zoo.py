@@ -179,3 +179,30 @@ def test_small_ms_resnet_learns_real_digits():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
     print(f"digits test accuracy {acc:.4f}")
     assert acc >= 0.95
+
+
+def _host_syncs(fn) -> int:
+    """Device-to-host reads (item, float, bool of a tensor) that fn makes, as the profiler records them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+def test_spike_monitor_reads_nothing_back_per_layer():
+    """Evaluation's spike statistics: the hooks never wait for the device; the summary reads every sum in one go,
+    and the rates are exactly the float64 sums of each layer's spikes."""
+    model = create_model("ms_resnet20", T=2, widths=(4, 8, 8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    spikes = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: spikes.__setitem__(n, float(o.float().sum())))
+             for n, m in model.named_modules() if type(m).__name__ == "LIF"]
+    with torch.no_grad(), SpikeMonitor(model) as mon:
+        model(x)
+        for h in hooks:
+            h.remove()
+        assert _host_syncs(lambda: model(x)) == 0
+    assert _host_syncs(mon.summary) <= 1  # (tolist of the stacked sums: one copy, no per-layer reads)
+    rates = mon.layer_rates()
+    assert rates.keys() == spikes.keys() and 0 < sum(spikes.values())
+    for n, r in rates.items():
+        assert r == 2 * spikes[n] / mon.neurons[n]  # two identical forwards
