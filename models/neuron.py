@@ -89,8 +89,16 @@ class LIF(nn.Module):
         lif_op.check_constants(decay, v_th, lens)  # at construction, not at the first forward
         self.decay, self.v_th, self.lens = float(decay), float(v_th), float(lens)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lif_sequence(x, self.decay, self.v_th, self.lens)
+    def forward(self, x: torch.Tensor, with_code: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Spikes, or with_code=True (spikes, code): the op's uint8 code, whose bit 0 is the spike, for a
+        models.spike_conv.SpikeConv2d to save instead of a copy of the spikes."""
+        spikes, code = torch.ops.deepspike.lif(x, self.decay, self.v_th, self.lens)
+        return (spikes, code) if with_code else spikes
 
     def extra_repr(self) -> str:
         return f"decay={self.decay}, v_th={self.v_th}, lens={self.lens}"
+
+
+def spikes_of(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The spikes in what a LIF returned, as a forward hook sees it: LIF(x) or LIF(x, with_code=True)."""
+    return out[0] if isinstance(out, tuple) else out

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.hooks import HookContext
-from models.neuron import LIF
+from models.neuron import LIF, spikes_of
 from models.protocol import SpikingNetwork
 
 E_MAC_PJ = 4.6
@@ -72,6 +72,7 @@ class SpikeMonitor(HookContext):
 
     def _lif_hook(self, name):
         def hook(module, args, out):
+            out = spikes_of(out)
             self._add(self._spikes, name, out.detach().float().sum().double())
             self.neurons[name] += out.numel()
             self.timesteps[name] = out.shape[0]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from models import SpikingResNet, create_model, lif_sequence
 from models.blocks import MSBlock, SEWBlock, Shortcut, SpikingBlock
-from models.neuron import LIF
+from models.neuron import LIF, spikes_of
 
 
 class _RectSpike(torch.autograd.Function):
@@ -113,7 +113,7 @@ def _compare(model: SpikingResNet, x: torch.Tensor, dtype=torch.float32, tol=1e-
     model.zero_grad(set_to_none=True)
     x = x.to(device, dtype).requires_grad_(True)
     rates = {}
-    hooks = [m.register_forward_hook(lambda m, a, s, n=n: rates.__setitem__(n, float(s.detach().mean())))
+    hooks = [m.register_forward_hook(lambda m, a, s, n=n: rates.__setitem__(n, float(spikes_of(s).detach().mean())))
              for n, m in model.named_modules() if isinstance(m, LIF)]
     out = model(x)
     for h in hooks:
