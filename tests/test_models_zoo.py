@@ -277,3 +277,30 @@ def test_strided_shortcut_subsamples_a_broadcast_stem_before_materialising_it():
     ref = folded(lambda v: sc.bn(sc.conv(v[:, :, ::2, ::2].contiguous())), x)  # materialised, then subsampled
     ref_grads = torch.autograd.grad(ref.square().sum(), [stem, *sc.parameters()])
     assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("family", ["ms", "sew"])
+def test_channels_last_model_runs_every_lif_in_place(family):
+    """A channels_last model on a channels_last batch: every LIF reads its dense channels_last input in place and
+    emits spikes in that layout (the broadcast static stem, stride 0 over T, is the one input it must copy)."""
+    from models import SpikingResNet
+
+    torch.manual_seed(0)
+    model = SpikingResNet(family, (1, 1), (8, 16), (2, 2), "7x7", "conv", num_classes=5, T=2, last_bn_gamma0=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+
+    def check(m, args, out):
+        if args[0].stride(0):
+            seen.append((args[0].flatten(0, 1).is_contiguous(memory_format=torch.channels_last),
+                         spikes_of(out).stride() == args[0].stride()))
+
+    lifs = [m for m in model.modules() if type(m).__name__ == "LIF"]
+    out = model(x)
+    cl = model.to(memory_format=torch.channels_last)
+    hooks = [m.register_forward_hook(check) for m in lifs]
+    out_cl = cl(x.contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= len(lifs) - 1 and all(layout and in_place for layout, in_place in seen), seen
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-4)  # the convs' own rounding differs by layout
