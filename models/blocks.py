@@ -35,9 +35,10 @@ def spike_conv3x3(cin: int, cout: int, stride: int = 1) -> SpikeConv2d:
     return SpikeConv2d(cin, cout, 3, stride=stride, padding=1)
 
 
-def folded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Apply a per-image op to every time step of x [T, N, ...] in one call."""
-    y = fn(x.flatten(0, 1))
+def folded(fn: Callable[..., torch.Tensor], x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+    """Apply a per-image op to every time step of x [T, N, ...] (and of tensors of x's shape beside it) in one
+    call."""
+    y = fn(*(t.flatten(0, 1) for t in (x, *more)))
     return y.unflatten(0, x.shape[:2])
 
 
@@ -45,7 +46,9 @@ class Shortcut(nn.Module):
     """Projection shortcut used when the shape changes.
 
     kind='conv': strided 1x1 conv -> tdBN (MS-ResNet-18/34, baselines). A strided 1x1 conv reads only
-    every s-th pixel, so it is computed as a subsample followed by a 1x1 conv (same numbers, less work).
+    every s-th pixel, so it is computed as a subsample followed by a 1x1 conv (same numbers, less work). The
+    subsample is taken on the [T, N, ...] input before folding: a static image's stem output arrives broadcast
+    over T (stride 0, nothing materialised), and only the subsampled 1/s^2 of it is then materialised.
     kind='pool': AvgPool 2x2 -> 1x1 conv -> tdBN (MS-ResNet-104 and the CIFAR family; always 2x2, as in
     the authors' code, even when only the channel count changes).
     """
@@ -61,12 +64,15 @@ class Shortcut(nn.Module):
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "pool":
             x = F.avg_pool2d(x, 2, 2)
-        elif self.stride > 1:
-            # A copy, not a view: the conv saves its input, and a view would keep the whole block input alive.
-            x = x[:, :, :: self.stride, :: self.stride].contiguous()
+        elif not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            # A copy of the subsample, not a view: the conv saves its input, and a view would keep the whole
+            # block input alive. preserve_format keeps a channels_last input channels_last.
+            x = x.clone(memory_format=torch.preserve_format)
         return self.bn(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv" and self.stride > 1:
+            x = x[..., :: self.stride, :: self.stride]
         return folded(self._project, x)
 
 
@@ -91,8 +97,8 @@ class MSBlock(nn.Module):
         self.shortcut = make_shortcut(cin, cout, stride, shortcut, v_th)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = folded(lambda s: self.bn1(self.conv1(s)), self.lif1(x))
-        out = folded(lambda s: self.bn2(self.conv2(s)), self.lif2(out))
+        out = folded(lambda s, c: self.bn1(self.conv1(s, c)), *self.lif1(x, with_code=True))
+        out = folded(lambda s, c: self.bn2(self.conv2(s, c)), *self.lif2(out, with_code=True))
         return out + self.shortcut(x)
 
 
@@ -111,8 +117,8 @@ class SpikingBlock(nn.Module):
         self.lif_out = neuron()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.lif1(folded(lambda s: self.bn1(self.conv1(s)), x))
-        out = folded(lambda s: self.bn2(self.conv2(s)), out)
+        out = self.lif1(folded(lambda s: self.bn1(self.conv1(s)), x), with_code=True)
+        out = folded(lambda s, c: self.bn2(self.conv2(s, c)), *out)
         return self.lif_out(out + self.shortcut(x))
 
 
@@ -132,8 +138,8 @@ class SEWBlock(nn.Module):
         self.lif_shortcut = neuron() if isinstance(self.shortcut, Shortcut) else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.lif1(folded(lambda s: self.bn1(self.conv1(s)), x))
-        out = self.lif2(folded(lambda s: self.bn2(self.conv2(s)), out))
+        out = self.lif1(folded(lambda s: self.bn1(self.conv1(s)), x), with_code=True)
+        out = self.lif2(folded(lambda s, c: self.bn2(self.conv2(s, c)), *out))
         return out + self.lif_shortcut(self.shortcut(x))
 
 

@@ -7,6 +7,13 @@ autograd, and the CUDA kernels, which are Triton (models/lif_triton.py, imported
 CPU-only processes never import triton).
 
 code is the uint8 tensor backward needs: bit 0 = the neuron spiked, bit 1 = u was inside the surrogate window.
+
+Arguments are checked once, in C++ (torch.ops.deepspike.lif_check / lif_backward_check), by every kernel, so a
+bad call raises the same error on every device and under tracing: decay in [0, 1], v_th finite, lens finite and
+> 0 (ValueError); x float64, float32, bfloat16 or float16 (TypeError); x at least 1-d, [T, ...] (ValueError).
+
+Layout: a dense x (contiguous, channels_last or any other permutation of its dims) is read in place, and spikes,
+code and the input gradient come out in its layout (torch.empty_like's); any other x is copied first.
 """
 
 from __future__ import annotations
@@ -25,14 +32,21 @@ except ImportError as e:
         "`make demo` build it too).") from e
 
 
+def check_constants(decay: float, v_th: float, lens: float) -> None:
+    """The op's check of its constants, for callers that hold them before any tensor (models.neuron.LIF)."""
+    torch.ops.deepspike.lif_check(torch.empty(1, device="meta"), decay, v_th, lens)
+
+
 @torch.library.register_fake("deepspike::lif")
 def _lif_fake(x, decay, v_th, lens):
-    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.uint8)
+    torch.ops.deepspike.lif_check(x, decay, v_th, lens)
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.uint8)
 
 
 @torch.library.register_fake("deepspike::lif_backward")
 def _lif_backward_fake(grad_spikes, code, decay, lens):
-    return grad_spikes.new_empty(grad_spikes.shape)
+    torch.ops.deepspike.lif_backward_check(grad_spikes, code, decay, lens)
+    return torch.empty_like(code, dtype=grad_spikes.dtype)
 
 
 def _setup_context(ctx, inputs, output):

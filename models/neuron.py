@@ -9,6 +9,12 @@ one uint8 tensor, so the neuron saves 1 byte per element for backward (fp32 auto
 elementary ops saves ~5 tensors of 4 bytes). The membrane is accumulated in fp32 (or the input's dtype
 if wider), so bf16 autocast only changes the precision of the convolutions around it.
 
+Non-finite values: a NaN membrane (a NaN input current, or one earlier in the sequence) emits NaN spikes from that
+step to the end of the sequence, where the comparison u > v_th alone would emit silence: a NaN anywhere in the
+network reaches the loss, and the trainer's non-finite guard (engine.nonfinite) sees it. Its code byte is 0 (no
+spike, outside the window), so backward passes no surrogate gradient at those steps. An infinite membrane is left
+to the comparison (+inf spikes and resets, -inf stays silent). docs/model.md states the same for users.
+
 The state is a local variable of each call: nothing is carried between forwards, which is what makes
 the neuron exact under activation checkpointing (recomputation starts from the same zero state).
 
@@ -22,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import lif_op  # noqa: F401  (registers torch.ops.deepspike.lif)
+from models import lif_op  # (importing it registers torch.ops.deepspike.lif)
 
 _SPIKE = 1
 _WINDOW = 2
@@ -41,7 +47,7 @@ class _LIFSequence(torch.autograd.Function):
             if t > 0:
                 u = torch.where(s, 0.0, u * decay) + x[t].to(acc)
                 s = u > v_th
-            spikes[t] = s
+            spikes[t] = torch.where(u.isnan(), torch.nan, s.to(x.dtype))
             code[t] = s.to(torch.uint8) | (((u - v_th).abs() < lens).to(torch.uint8) << 1)
         ctx.save_for_backward(code)
         ctx.decay, ctx.height, ctx.in_dtype, ctx.acc = decay, 1.0 / (2.0 * lens), x.dtype, acc
@@ -80,14 +86,19 @@ class LIF(nn.Module):
 
     def __init__(self, decay: float = 0.25, v_th: float = 0.5, lens: float = 0.5):
         super().__init__()
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"LIF decay must be in [0, 1], got {decay}")
-        if lens <= 0:
-            raise ValueError(f"LIF surrogate half-width lens must be > 0, got {lens}")
+        lif_op.check_constants(decay, v_th, lens)  # at construction, not at the first forward
         self.decay, self.v_th, self.lens = float(decay), float(v_th), float(lens)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lif_sequence(x, self.decay, self.v_th, self.lens)
+    def forward(self, x: torch.Tensor, with_code: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Spikes, or with_code=True (spikes, code): the op's uint8 code, whose bit 0 is the spike, for a
+        models.spike_conv.SpikeConv2d to save instead of a copy of the spikes."""
+        spikes, code = torch.ops.deepspike.lif(x, self.decay, self.v_th, self.lens)
+        return (spikes, code) if with_code else spikes
 
     def extra_repr(self) -> str:
         return f"decay={self.decay}, v_th={self.v_th}, lens={self.lens}"
+
+
+def spikes_of(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The spikes in what a LIF returned, as a forward hook sees it: LIF(x) or LIF(x, with_code=True)."""
+    return out[0] if isinstance(out, tuple) else out

@@ -3,7 +3,10 @@
 A plain conv keeps its fp32/bf16 input alive until backward, although that input is binary. Saving
 it as uint8 (exact for 0/1 spikes and SEW's small counts) cuts that tensor to 1/4 (fp32) or 1/2 (bf16)
 of its size; backward casts it back and calls the same convolution_backward kernel autograd would.
-Autocast is honoured explicitly (the conv runs in the autocast dtype; weight grads return in fp32).
+Where the input comes straight from a LIF, the conv is handed the LIF's code tensor (bit 0 = spiked), which
+the LIF keeps for its own backward anyway: the conv saves that same tensor, so it costs neither a cast nor a
+byte, and backward takes bit 0 of it. Autocast is honoured explicitly (the conv runs in the autocast dtype;
+weight grads return in fp32).
 """
 
 from __future__ import annotations
@@ -15,24 +18,26 @@ from torch import nn
 
 class _SpikeConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):
+    def forward(ctx, x, weight, stride, padding, code):
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
             out = F.conv2d(x.to(dt), weight.to(dt), None, stride, padding)
-        ctx.save_for_backward(x.to(torch.uint8), weight)
-        ctx.conf = (stride, padding, dt, x.dtype)
+        ctx.save_for_backward(x.to(torch.uint8) if code is None else code, weight)
+        ctx.conf = (stride, padding, dt, x.dtype, code is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x_u8, weight = ctx.saved_tensors
-        stride, padding, dt, in_dtype = ctx.conf
+        stride, padding, dt, in_dtype, from_code = ctx.conf
+        if from_code:
+            x_u8 = x_u8 & 1  # the spike bit of the LIF's code
         gi, gw, _ = torch.ops.aten.convolution_backward(
             grad_out.to(dt), x_u8.to(dt), weight.to(dt), None, stride, padding, (1, 1), False, (0, 0), 1,
             (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False))
         return (gi.to(in_dtype) if gi is not None else None,
-                gw.to(weight.dtype) if gw is not None else None, None, None)
+                gw.to(weight.dtype) if gw is not None else None, None, None, None)
 
 
 class SpikeConv2d(nn.Conv2d):
@@ -41,7 +46,9 @@ class SpikeConv2d(nn.Conv2d):
     def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, padding: int = 0):
         super().__init__(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, code: torch.Tensor | None = None) -> torch.Tensor:
+        """`code`: the code tensor of the LIF that emitted x (models.neuron.LIF(x, with_code=True)), saved for
+        backward in place of a uint8 copy of x."""
         if not torch.is_grad_enabled():
             return super().forward(x)
-        return _SpikeConv.apply(x, self.weight, self.stride, self.padding)
+        return _SpikeConv.apply(x, self.weight, self.stride, self.padding, code)

@@ -10,16 +10,21 @@ per image (so the static stem, computed once, counts once). A layer whose input 
 integer-valued (spikes, or SEW's spike counts) performs accumulates only: SOPs = MACs * mean(input),
 at 0.9 pJ each; any other layer (stem, MS-ResNet's real-valued 1x1 downsampling convs, the classifier
 on firing rates) is charged 4.6 pJ per MAC. Outside the `with` block no hook is installed.
+
+The hooks never wait for the device: each layer's sums stay float64 tensors where the layer ran, and the
+reports (summary, layer_*) fetch them all in one transfer. The figures are those of summing Python floats per
+call (float64 sums of the same float32 values, in the same order).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
 from torch import nn
 
 from models.hooks import HookContext
-from models.neuron import LIF
+from models.neuron import LIF, spikes_of
 from models.protocol import SpikingNetwork
 
 E_MAC_PJ = 4.6
@@ -40,11 +45,12 @@ class SpikeMonitor(HookContext):
 
     def reset(self) -> None:
         self.images = 0
-        self.spikes: dict[str, float] = defaultdict(float)
+        # Device sums per layer (float64 tensors; see _host): spikes, MACs on real-valued input, SOPs on spikes.
+        self._spikes: dict[str, torch.Tensor] = {}
+        self._macs: dict[str, torch.Tensor] = {}
+        self._acs: dict[str, torch.Tensor] = {}
         self.neurons: dict[str, int] = defaultdict(int)  # neuron-steps seen
         self.timesteps: dict[str, int] = {}
-        self.macs: dict[str, float] = defaultdict(float)
-        self.acs: dict[str, float] = defaultdict(float)
         self.dense: dict[str, float] = defaultdict(float)  # MACs executed, before any spike sparsity
 
     def __enter__(self) -> SpikeMonitor:
@@ -60,9 +66,14 @@ class SpikeMonitor(HookContext):
         x = args[0]
         self.images += x.shape[0] if x.dim() == 4 else x.shape[1]
 
+    @staticmethod
+    def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        sums[name] = sums[name] + value if name in sums else value
+
     def _lif_hook(self, name):
         def hook(module, args, out):
-            self.spikes[name] += float(out.detach().float().sum())
+            out = spikes_of(out)
+            self._add(self._spikes, name, out.detach().float().sum().double())
             self.neurons[name] += out.numel()
             self.timesteps[name] = out.shape[0]
         return hook
@@ -72,17 +83,31 @@ class SpikeMonitor(HookContext):
             x = args[0].detach()
             macs = out.numel() * _macs_per_output(module)
             self.dense[name] += macs
-            if bool(((x >= 0) & (x == x.round())).all()):
-                self.acs[name] += macs * float(x.float().mean())
-            else:
-                self.macs[name] += macs
+            integer = ((x >= 0) & (x == x.round())).all()
+            zero = torch.zeros((), dtype=torch.float64, device=x.device)
+            self._add(self._acs, name, torch.where(integer, macs * x.float().mean().double(), zero))
+            self._add(self._macs, name, torch.where(integer, zero, zero + macs))
         return hook
+
+    def _host(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """The device sums as Python floats (spikes, MACs, SOPs per layer), fetched in one transfer."""
+        sums = [self._spikes, self._macs, self._acs]
+        keys = [(i, n) for i, d in enumerate(sums) for n in d]
+        if not keys:
+            return {}, {}, {}
+        device = sums[keys[0][0]][keys[0][1]].device
+        values = torch.stack([sums[i][n].to(device) for i, n in keys]).tolist()
+        out: tuple[dict[str, float], ...] = ({}, {}, {})
+        for (i, n), v in zip(keys, values):
+            out[i][n] = v
+        return out
 
     def dense_macs_per_image(self) -> float:
         return sum(self.dense.values()) / self.images
 
     def layer_rates(self) -> dict[str, float]:
-        return {n: self.spikes[n] / self.neurons[n] for n in self.neurons}
+        spikes = self._host()[0]
+        return {n: spikes[n] / self.neurons[n] for n in self.neurons}
 
     def layer_spikes(self) -> dict[str, dict[str, float]]:
         """Per LIF layer: firing rate, spikes per neuron per sample (rate * T), neurons per sample."""
@@ -95,10 +120,11 @@ class SpikeMonitor(HookContext):
         operations (accumulates on spike input) and their 45 nm energy in mJ; sums to summary()'s."""
         if not self.images:
             raise RuntimeError("SpikeMonitor saw no forward pass")
+        _, mac_sums, ac_sums = self._host()
         out = {}
         for n, _ in self.model.named_modules():
-            if n in self.macs or n in self.acs:
-                macs, sops = self.macs.get(n, 0.0) / self.images, self.acs.get(n, 0.0) / self.images
+            if n in mac_sums:
+                macs, sops = mac_sums[n] / self.images, ac_sums[n] / self.images
                 out[n] = {"macs": macs, "sops": sops, "mj": (macs * E_MAC_PJ + sops * E_AC_PJ) * 1e-9}
         return out
 
@@ -107,7 +133,8 @@ class SpikeMonitor(HookContext):
         synaptic operations and energy per image."""
         if not self.images:
             raise RuntimeError("SpikeMonitor saw no forward pass")
-        total_spikes = sum(self.spikes.values())
+        spikes, mac_sums, ac_sums = self._host()
+        total_spikes = sum(spikes.values())
         total_neuron_steps = sum(self.neurons.values())
         T = max(self.timesteps.values(), default=1)
         out = {"spikes/rate": total_spikes / max(total_neuron_steps, 1),
@@ -119,12 +146,12 @@ class SpikeMonitor(HookContext):
                 parts = name.split(".")
                 if parts[0] == "blocks":
                     acc = per_stage[stage_of[int(parts[1])]]
-                    acc[0] += self.spikes[name]
+                    acc[0] += spikes[name]
                     acc[1] += self.neurons[name]
             for stage, (s, n) in sorted(per_stage.items()):
                 out[f"spikes/rate_stage{stage + 1}"] = s / n
-        macs = sum(self.macs.values()) / self.images
-        sops = sum(self.acs.values()) / self.images
+        macs = sum(mac_sums.values()) / self.images
+        sops = sum(ac_sums.values()) / self.images
         out["energy/gmacs_per_image"] = macs / 1e9
         out["energy/gsops_per_image"] = sops / 1e9
         out["energy/mj_per_image"] = (macs * E_MAC_PJ + sops * E_AC_PJ) * 1e-9

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dataloaders.digits import digits_tensors
 from models import create_model, list_models, load_authors_checkpoint, to_authors_state_dict
+from models.neuron import spikes_of
 from models.stats import SpikeMonitor
 
 SPEC_PARAMS = {  # docs/model.md §6
@@ -104,7 +105,7 @@ def test_spike_monitor_counts_rates_macs_and_energy():
     model = create_model("ms_resnet20", T=4).train()
     x = torch.randn(3, 3, 32, 32)
     rates = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: rates.__setitem__(n, float(o.mean())))
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: rates.__setitem__(n, float(spikes_of(o).mean())))
              for n, m in model.named_modules() if type(m).__name__ == "LIF"]
     torch.manual_seed(0)
     with SpikeMonitor(model) as mon:
@@ -179,3 +180,127 @@ def test_small_ms_resnet_learns_real_digits():
         acc = (model(xte).argmax(1) == yte).float().mean().item()
     print(f"digits test accuracy {acc:.4f}")
     assert acc >= 0.95
+
+
+def _host_syncs(fn) -> int:
+    """Device-to-host reads (item, float, bool of a tensor) that fn makes, as the profiler records them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+def test_spike_monitor_reads_nothing_back_per_layer():
+    """Evaluation's spike statistics: the hooks never wait for the device; the summary reads every sum in one go,
+    and the rates are exactly the float64 sums of each layer's spikes."""
+    model = create_model("ms_resnet20", T=2, widths=(4, 8, 8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    spikes = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: spikes.__setitem__(n, float(spikes_of(o).float().sum())))
+             for n, m in model.named_modules() if type(m).__name__ == "LIF"]
+    with torch.no_grad(), SpikeMonitor(model) as mon:
+        model(x)
+        for h in hooks:
+            h.remove()
+        assert _host_syncs(lambda: model(x)) == 0
+    assert _host_syncs(mon.summary) <= 1  # (tolist of the stacked sums: one copy, no per-layer reads)
+    rates = mon.layer_rates()
+    assert rates.keys() == spikes.keys() and sum(spikes.values()) > 0
+    for n, r in rates.items():
+        assert r == 2 * spikes[n] / mon.neurons[n]  # two identical forwards
+
+
+def _train_step_bits(model, x):
+    """Output, input and parameter gradients, and the bytes of the distinct storages saved for backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    out.square().sum().backward()
+    return [out.detach(), x.grad, *(p.grad for p in model.parameters())], sum(storages.values())
+
+
+@pytest.mark.parametrize("name", ["ms_resnet20", "spiking_resnet20", "sew_resnet20"])
+def test_spike_convs_save_the_lif_code_exactly_and_without_a_copy(name, monkeypatch):
+    """A spike conv fed by a LIF saves that LIF's code tensor (bit 0 = spike) instead of casting its input to
+    uint8: the same bits in output and every gradient, and one byte per input element less saved."""
+    from models.spike_conv import SpikeConv2d
+
+    torch.manual_seed(0)
+    model = create_model(name, T=2, widths=(4, 8, 8), last_bn_gamma0=0.5).train()
+    x = torch.randn(2, 3, 16, 16)
+    inputs = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: inputs.append(args[0].numel()) if isinstance(m, SpikeConv2d) else None)
+    ours, saved = _train_step_bits(model, x)
+    hook.remove()
+    forward = SpikeConv2d.forward
+    monkeypatch.setattr(SpikeConv2d, "forward", lambda self, s, code=None: forward(self, s))  # the uint8 cast
+    cast, saved_cast = _train_step_bits(model, x)
+    assert inputs and all(torch.equal(a, b) for a, b in zip(ours, cast))
+    assert saved_cast - saved == sum(inputs)
+
+
+def test_strided_shortcut_subsamples_a_broadcast_stem_before_materialising_it():
+    """ImageNet layouts: the first block's strided shortcut gets the static stem output broadcast over T. It
+    materialises only the subsample (no tensor of the full T x stem size is made), with the same bits in output
+    and gradients as materialising first and subsampling after."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from models.blocks import Shortcut, folded
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() and t.stride(0):  # (stride 0: a broadcast view)
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    sc = Shortcut(8, 16, 2, "conv", 0.5).train()
+    stem = torch.randn(4, 8, 16, 16, requires_grad=True)
+    x = stem.unsqueeze(0).expand(3, -1, -1, -1, -1)  # T = 3, as SpikingResNet.stem_forward makes it
+    with Largest() as largest:
+        out = sc(x)
+    assert largest.numel < x.numel()
+    grads = torch.autograd.grad(out.square().sum(), [stem, *sc.parameters()])
+    ref = folded(lambda v: sc.bn(sc.conv(v[:, :, ::2, ::2].contiguous())), x)  # materialised, then subsampled
+    ref_grads = torch.autograd.grad(ref.square().sum(), [stem, *sc.parameters()])
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("family", ["ms", "sew"])
+def test_channels_last_model_runs_every_lif_in_place(family):
+    """A channels_last model on a channels_last batch: every LIF reads its dense channels_last input in place and
+    emits spikes in that layout (the broadcast static stem, stride 0 over T, is the one input it must copy)."""
+    from models import SpikingResNet
+
+    torch.manual_seed(0)
+    model = SpikingResNet(family, (1, 1), (8, 16), (2, 2), "7x7", "conv", num_classes=5, T=2, last_bn_gamma0=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+
+    def check(m, args, out):
+        if args[0].stride(0):
+            seen.append((args[0].flatten(0, 1).is_contiguous(memory_format=torch.channels_last),
+                         spikes_of(out).stride() == args[0].stride()))
+
+    lifs = [m for m in model.modules() if type(m).__name__ == "LIF"]
+    out = model(x)
+    cl = model.to(memory_format=torch.channels_last)
+    hooks = [m.register_forward_hook(check) for m in lifs]
+    out_cl = cl(x.contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= len(lifs) - 1 and all(layout and in_place for layout, in_place in seen), seen
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-4)  # the convs' own rounding differs by layout
