@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -90,6 +91,11 @@ def _nonneg_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _real(v) -> bool:
+    """A finite int or float (json.loads reads NaN and Infinity as floats)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def validate_manifest(m: dict, split: str, url: str) -> None:
     """Raise ValueError naming the first field of manifest `m` (read as `split`) that is not what
     `dataloaders.convert` writes: file names become paths and `pipe:` arguments, counts become plans."""
@@ -114,6 +120,16 @@ def validate_manifest(m: dict, split: str, url: str) -> None:
     if shape is not None and not (isinstance(shape, list) and shape and
                                   all(_nonneg_int(d) and d > 0 for d in shape)):
         bad("sample.shape", shape, "null or a list of positive integers")
+    if "stats" in m:  # measured at conversion; normalises every batch and picks the folder augmentation
+        stats = m["stats"]
+        if not isinstance(stats, dict):
+            bad("stats", stats, "{'mean': ..., 'std': ..., 'median_short_side': ...}")
+        for key, low in (("mean", 0.0), ("std", 1e-6)):  # pixels scaled to 0..1; a std of 0 divides by zero
+            v = stats.get(key)
+            if not (isinstance(v, list) and len(v) == 3 and all(_real(x) and low <= x <= 1 for x in v)):
+                bad(f"stats.{key}", v, f"3 numbers in [{low:g}, 1], one per RGB channel")
+        if not (_nonneg_int(stats.get("median_short_side")) and stats["median_short_side"] > 0):
+            bad("stats.median_short_side", stats.get("median_short_side"), "a positive integer")
     if m["format"] == "ffcv":
         if m.get("file") != f"{split}.beton":
             bad("file", m.get("file"), f"'{split}.beton'")
@@ -135,7 +151,8 @@ def validate_manifest(m: dict, split: str, url: str) -> None:
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards or not all(isinstance(s, dict) for s in shards):
         bad("shards", shards, "a non-empty list of shard records")
-    name_re = re.compile(rf"{split}-\d{{6}}\.tar")  # no separators, no '..', nothing a shell reads
+    # [0-9], not \d (which also takes other scripts' digits): no separators, no '..', nothing a shell reads
+    name_re = re.compile(rf"{split}-[0-9]{{6}}\.tar")
     for k, s in enumerate(shards):
         if not isinstance(s.get("name"), str) or not name_re.fullmatch(s["name"]):
             bad(f"shards[{k}].name", s.get("name"), f"'{split}-NNNNNN.tar'")

@@ -68,6 +68,37 @@ def test_manifest_fields_are_validated(index_cifar, tmp_path, field, value, mess
         build_loader(_cifar_cfg(root), "test", 0, 1)
 
 
+_STATS = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "median_short_side": 32}
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"mean": [0.5, float("nan"), 0.3]}, r"stats\.mean=\[0\.5, nan, 0\.3\]"),
+    ({"mean": [0.5, 0.4]}, r"stats\.mean=\[0\.5, 0\.4\] is invalid \(3 numbers in \[0, 1\]"),
+    ({"std": [0.2, 0.0, 0.2]}, r"stats\.std=\[0\.2, 0\.0, 0\.2\]"),
+    ({"std": "0.2"}, r"stats\.std='0\.2'"),
+    ({"median_short_side": -32}, r"stats\.median_short_side=-32"),
+    ({"median_short_side": 3.5}, r"stats\.median_short_side=3\.5"),
+])
+def test_manifest_stats_are_validated(index_cifar, tmp_path, edit, message):
+    """The statistics measured at conversion normalise every batch (a std of 0 divides by zero, a NaN
+    poisons every input) and choose the folder augmentation: each is checked when the manifest is read."""
+    root = shutil.copytree(index_cifar["wds"], tmp_path / "wds")
+    edit_manifest(root, "test", lambda m: m.update(stats=_STATS))
+    build_loader(_cifar_cfg(root), "test", 0, 1)
+    edit_manifest(root, "test", lambda m: m.update(stats={**_STATS, **edit}))
+    with pytest.raises(ValueError, match=message):
+        build_loader(_cifar_cfg(root), "test", 0, 1)
+
+
+def test_shard_names_take_ascii_digits_only(index_cifar, tmp_path):
+    """'test-\u0660\u0660\u0660\u0660\u0660\u0661.tar' (Arabic-Indic digits) matched the old `\\d{6}`."""
+    root = shutil.copytree(index_cifar["wds"], tmp_path / "wds")
+    name = "test-" + "\u0660" * 5 + "\u0661" + ".tar"
+    edit_manifest(root, "test", lambda m: m["shards"][1].update(name=name))
+    with pytest.raises(ValueError, match=r"shards\[1\]\.name="):
+        build_loader(_cifar_cfg(root), "test", 0, 1)
+
+
 def test_manifest_split_and_ffcv_file_are_validated(index_cifar, tmp_path):
     root = shutil.copytree(index_cifar["wds"], tmp_path / "wds")
     edit_manifest(root, "test", lambda m: m.update(split="../../etc"))
