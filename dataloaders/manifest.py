@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -184,11 +183,45 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class ShardMismatch(OSError):
+    """A shard's bytes that differ from its manifest record (more bytes, fewer, or another sha256): stale or
+    tampered data, which reading again does not fix."""
+
+
+class VerifiedReader:
+    """Reads of a shard's stream that hash the bytes as they pass and never go more than one byte past the
+    manifest's size (ShardMismatch there), so a remote that sends more cannot fill a disk or memory;
+    `finish` reads what is left (tar padding) and checks the size and, where the manifest has one, the
+    sha256."""
+
+    def __init__(self, f, url: str, size: int, sha256: str | None):
+        self.f, self.url, self.size, self.sha256 = f, url, size, sha256
+        self.count, self.hash = 0, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size + 1 - self.count
+        data = self.f.read(left if n is None or n < 0 else min(n, left)) if left > 0 else b""
+        self.count += len(data)
+        self.hash.update(data)
+        if self.count > self.size:
+            raise ShardMismatch(f"{self.url}: more than the manifest's {self.size} bytes (reading stopped there); "
+                                "the remote copy is not the shard the manifest describes")
+        return data
+
+    def finish(self) -> None:
+        while self.read(1 << 22):
+            pass
+        got = self.hash.hexdigest()
+        if self.count != self.size or (self.sha256 is not None and got != self.sha256):
+            raise ShardMismatch(f"{self.url}: read {self.count} bytes with sha256 {got}, the manifest says "
+                                f"{self.size} bytes, sha256 {self.sha256}; the remote copy is truncated or stale")
+
+
 def fetch(url: str, dest: Path, size: int, sha256: str) -> Path:
-    """Download `url` to `dest` once; verified against the manifest so a cut-off transfer is never used. A
-    cached copy is used only when its sha256 matches; a stamp beside it spares re-hashing it while the file
-    is unchanged (any write to it moves its ctime, which the stamp records). A copy that no longer matches
-    is fetched again."""
+    """Download `url` to `dest` once, hashing on the way and stopping one byte past the manifest's size, so
+    a cut-off or oversized transfer is never used. A cached copy is used only when its sha256 matches; a
+    stamp beside it spares re-hashing it while the file is unchanged (any write to it moves its ctime, which
+    the stamp records). A copy that no longer matches is fetched again."""
     if dest.exists():
         if _cached_copy_matches(dest, size, sha256):
             return dest
@@ -196,13 +229,15 @@ def fetch(url: str, dest: Path, size: int, sha256: str) -> Path:
                     dest, url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.part{os.getpid()}")
-    with open_remote(url) as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 22)
-    got, got_size = sha256_file(tmp), tmp.stat().st_size
-    if got_size != size or got != sha256:
-        tmp.unlink()
-        raise OSError(f"{url}: downloaded {got_size} bytes with sha256 {got}, "
-                      f"manifest says {size} bytes, sha256 {sha256}; the remote copy is truncated or stale")
+    try:
+        with open_remote(url) as src, open(tmp, "wb") as out:
+            reader = VerifiedReader(src, url, size, sha256)
+            while chunk := reader.read(1 << 22):
+                out.write(chunk)
+            reader.finish()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dest)  # concurrent downloaders on one node both write complete, identical files
     _stamp(dest, sha256)
     return dest

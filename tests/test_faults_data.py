@@ -242,7 +242,7 @@ def test_tampered_remote_shard_is_refused(index_cifar, tmp_path):
     shard = root / "test" / "test-000002.tar"
     _tamper_png(shard)
     cfg = _cifar_cfg(f"pipe:cat {root}/{{}}", cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(OSError, match=r"test-000002.tar: downloaded \d+ bytes with sha256 .*stale"):
+    with pytest.raises(OSError, match=r"test-000002.tar: read \d+ bytes with sha256 .*stale"):
         _collect(build_loader(cfg, "test", 0, 1))
     assert not list((tmp_path / "cache").rglob("test-000002.tar"))
 
