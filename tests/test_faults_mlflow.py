@@ -77,12 +77,14 @@ def test_a_refusing_server_is_reported_once_and_nothing_is_lost(tmp_path, caplog
     try:
         _wait_healthy(uri)
         with caplog.at_level(logging.WARNING, "trainer.mlflow_logger"):
-            logger = _logger(tmp_path, uri, flush=20.0)
+            logger = _logger(tmp_path, uri, flush=180.0)
             for step in (1, 2):
                 logger.log_metrics({"train/loss": 1.0}, step)
             t0 = time.monotonic()
             assert logger.close() is False
-        assert time.monotonic() - t0 < 15  # not retried until the flush timeout
+        closed_s = time.monotonic() - t0
+        print(f"a refusing server: close() returned after {closed_s:.1f} s (flush timeout 180 s)")
+        assert closed_s < 90  # not retried until the flush timeout (generous: a loaded machine is slow)
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1 and "HTTP 403" in errors[0].getMessage()
         assert "Invalid Host header" in errors[0].getMessage() or "403" in errors[0].getMessage()
