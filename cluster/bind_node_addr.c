@@ -8,12 +8,16 @@
  * node's own address, DEEPSPIKE_NODE_ADDR (an IPv4 address; IPv6 sockets get its IPv4-mapped form).
  * A 127.0.0.1 listener that duplicates one the process already has on the node's address gets an
  * unused port there instead of failing: nothing connects to it, and 127.0.0.1 stays free.
+ * A DEEPSPIKE_NODE_ADDR that is set but is not an IPv4 address fails closed: the binds the shim would move
+ * fail with EADDRNOTAVAIL (reported once on stderr) instead of listening on every interface. Unset, the shim
+ * is not configured for the process and changes nothing.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -25,12 +29,38 @@ static int is_mapped(const struct in6_addr *a, in_addr_t v4) {
     return memcmp(a->s6_addr, prefix, 12) == 0 && memcmp(a->s6_addr + 12, &v4, 4) == 0;
 }
 
+/* Whether the shim moves a bind to this address: the wildcard or 127.0.0.1, over IPv4 or IPv6. */
+static int movable(const struct sockaddr *addr, socklen_t len) {
+    in_addr_t loopback1 = htonl(INADDR_LOOPBACK);
+    if (addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        in_addr_t a = ((const struct sockaddr_in *)addr)->sin_addr.s_addr;
+        return a == htonl(INADDR_ANY) || a == loopback1;
+    }
+    if (addr->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)addr)->sin6_addr;
+        return IN6_IS_ADDR_UNSPECIFIED(a) || IN6_IS_ADDR_LOOPBACK(a) || is_mapped(a, loopback1);
+    }
+    return 0;
+}
+
 int bind(int fd, const struct sockaddr *addr, socklen_t len) {
     static bind_fn real_bind;
     if (!real_bind) real_bind = (bind_fn)dlsym(RTLD_NEXT, "bind");
     const char *node = getenv("DEEPSPIKE_NODE_ADDR");
     struct in_addr ip;
-    if (!node || !addr || inet_pton(AF_INET, node, &ip) != 1) return real_bind(fd, addr, len);
+    if (!node || !addr) return real_bind(fd, addr, len);
+    if (inet_pton(AF_INET, node, &ip) != 1) {
+        /* Fail closed: a node address that does not parse must not leave a listener on every interface. */
+        if (!movable(addr, len)) return real_bind(fd, addr, len);
+        static int warned;
+        if (!warned) {
+            warned = 1;
+            fprintf(stderr, "bind_node_addr: DEEPSPIKE_NODE_ADDR=\"%s\" is not an IPv4 address; refusing binds to "
+                            "the wildcard address and 127.0.0.1 (EADDRNOTAVAIL)\n", node);
+        }
+        errno = EADDRNOTAVAIL;
+        return -1;
+    }
     in_addr_t loopback1 = htonl(INADDR_LOOPBACK);
 
     if (addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
