@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from test_trainer_mlflow import _start_server, _wait_healthy
+from test_trainer_mlflow import _start_server, _wait_healthy, mlflow_server
 from trainer_fixtures import digits_shards, free_port, spawn, tiny_config
 
 from trainer.config import MlflowConfig
@@ -70,12 +70,9 @@ def test_a_reopened_run_does_not_log_a_step_twice(tmp_path):
 
 @pytest.mark.slow
 def test_a_refusing_server_is_reported_once_and_nothing_is_lost(tmp_path, caplog):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
     # A real server that only accepts another Host header answers every request with 403.
-    server = _start_server(tmp_path, port, "--allowed-hosts", "mlflow.example.org")
+    server, uri = mlflow_server(tmp_path, "--allowed-hosts", "mlflow.example.org")
     try:
-        _wait_healthy(uri)
         with caplog.at_level(logging.WARNING, "trainer.mlflow_logger"):
             logger = _logger(tmp_path, uri, flush=180.0)
             for step in (1, 2):
@@ -105,10 +102,8 @@ def _train(rank: int, data: Path, run_dir: Path, uri: str) -> None:
 @pytest.mark.slow
 def test_server_killed_and_restarted_mid_run(tmp_path, tmp_path_factory):
     data = digits_shards(tmp_path_factory)
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
-    _wait_healthy(uri)
+    server, uri = mlflow_server(tmp_path)
+    port = int(uri.rsplit(":", 1)[1])
     ctx = spawn(_train, 1, data, tmp_path / "run", uri, join=False,
                 env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
                      "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"})
@@ -242,12 +237,9 @@ class _LosingProxy:
 def test_a_committed_request_whose_reply_is_lost_is_not_applied_twice(tmp_path):
     """A real server behind a proxy that loses the replies of the first run creation and of the first
     metrics batch: the retry loop sends both again, and the server holds one run with each point once."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
+    server, uri = mlflow_server(tmp_path)
     proxy = _LosingProxy(uri, {"/runs/create": 1, "/runs/log-batch": 1})
     try:
-        _wait_healthy(uri)
         logger = _logger(tmp_path, proxy.uri, flush=60.0)
         for step in (1, 2, 3):
             logger.log_metrics({"train/loss": 1.0 / step}, step)
