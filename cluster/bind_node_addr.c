@@ -8,6 +8,8 @@
  * node's own address, DEEPSPIKE_NODE_ADDR (an IPv4 address; IPv6 sockets get its IPv4-mapped form).
  * A 127.0.0.1 listener that duplicates one the process already has on the node's address gets an
  * unused port there instead of failing: nothing connects to it, and 127.0.0.1 stays free.
+ * Only Ray's processes are changed (is_ray_process): LD_PRELOAD is inherited by everything a node starts,
+ * job processes included, and the others keep the binds they ask for.
  * A DEEPSPIKE_NODE_ADDR that is set but is not an IPv4 address fails closed: the binds the shim would move
  * fail with EADDRNOTAVAIL (reported once on stderr) instead of listening on every interface. Unset, the shim
  * is not configured for the process and changes nothing.
@@ -21,12 +23,39 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
 
 static int is_mapped(const struct in6_addr *a, in_addr_t v4) {
     static const unsigned char prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
     return memcmp(a->s6_addr, prefix, 12) == 0 && memcmp(a->s6_addr + 12, &v4, 4) == 0;
+}
+
+/* Whether this is a Ray process, the only kind the shim is for: Ray's C++ daemons (raylet, gcs_server) or a
+   process that has loaded Ray's core library (_raylet.so: `ray start`, the dashboard and its agents, core
+   workers, drivers, actors). LD_PRELOAD reaches every process a node starts, a job's shell, tools and
+   other servers included; in those the shim changes nothing, so their binds do what they ask (a client's
+   bind to 0.0.0.0:0 keeps a normal source address, a fixed port in use fails). Once a process is Ray's
+   it stays Ray's; until then /proc/self/maps is read at each bind (binds are rare). */
+static int is_ray_process(void) {
+    static int ray;
+    if (ray) return 1;
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = 0;
+        const char *base = strrchr(exe, '/');
+        base = base ? base + 1 : exe;
+        if (strcmp(base, "raylet") == 0 || strcmp(base, "gcs_server") == 0) return ray = 1;
+    }
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (!maps) return 0;
+    char line[4096];
+    while (!ray && fgets(line, sizeof line, maps))
+        if (strstr(line, "/ray/_raylet.")) ray = 1;
+    fclose(maps);
+    return ray;
 }
 
 /* Whether the shim moves a bind to this address: the wildcard or 127.0.0.1, over IPv4 or IPv6. */
@@ -48,10 +77,9 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len) {
     if (!real_bind) real_bind = (bind_fn)dlsym(RTLD_NEXT, "bind");
     const char *node = getenv("DEEPSPIKE_NODE_ADDR");
     struct in_addr ip;
-    if (!node || !addr) return real_bind(fd, addr, len);
+    if (!node || !addr || !movable(addr, len) || !is_ray_process()) return real_bind(fd, addr, len);
     if (inet_pton(AF_INET, node, &ip) != 1) {
         /* Fail closed: a node address that does not parse must not leave a listener on every interface. */
-        if (!movable(addr, len)) return real_bind(fd, addr, len);
         static int warned;
         if (!warned) {
             warned = 1;
