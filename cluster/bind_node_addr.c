@@ -8,15 +8,22 @@
  * node's own address, DEEPSPIKE_NODE_ADDR (an IPv4 address; IPv6 sockets get its IPv4-mapped form).
  * A 127.0.0.1 listener that duplicates one the process already has on the node's address gets an
  * unused port there instead of failing: nothing connects to it, and 127.0.0.1 stays free.
+ * Only Ray's processes are changed (is_ray_process): LD_PRELOAD is inherited by everything a node starts,
+ * job processes included, and the others keep the binds they ask for.
+ * A DEEPSPIKE_NODE_ADDR that is set but is not an IPv4 address fails closed: the binds the shim would move
+ * fail with EADDRNOTAVAIL (reported once on stderr) instead of listening on every interface. Unset, the shim
+ * is not configured for the process and changes nothing.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
 
@@ -25,12 +32,63 @@ static int is_mapped(const struct in6_addr *a, in_addr_t v4) {
     return memcmp(a->s6_addr, prefix, 12) == 0 && memcmp(a->s6_addr + 12, &v4, 4) == 0;
 }
 
+/* Whether this is a Ray process, the only kind the shim is for: Ray's C++ daemons (raylet, gcs_server) or a
+   process that has loaded Ray's core library (_raylet.so: `ray start`, the dashboard and its agents, core
+   workers, drivers, actors). LD_PRELOAD reaches every process a node starts, a job's shell, tools and
+   other servers included; in those the shim changes nothing, so their binds do what they ask (a client's
+   bind to 0.0.0.0:0 keeps a normal source address, a fixed port in use fails). Once a process is Ray's
+   it stays Ray's; until then /proc/self/maps is read at each bind (binds are rare). */
+static int is_ray_process(void) {
+    static int ray;
+    if (ray) return 1;
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = 0;
+        const char *base = strrchr(exe, '/');
+        base = base ? base + 1 : exe;
+        if (strcmp(base, "raylet") == 0 || strcmp(base, "gcs_server") == 0) return ray = 1;
+    }
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (!maps) return 0;
+    char line[4096];
+    while (!ray && fgets(line, sizeof line, maps))
+        if (strstr(line, "/ray/_raylet.")) ray = 1;
+    fclose(maps);
+    return ray;
+}
+
+/* Whether the shim moves a bind to this address: the wildcard or 127.0.0.1, over IPv4 or IPv6. */
+static int movable(const struct sockaddr *addr, socklen_t len) {
+    in_addr_t loopback1 = htonl(INADDR_LOOPBACK);
+    if (addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        in_addr_t a = ((const struct sockaddr_in *)addr)->sin_addr.s_addr;
+        return a == htonl(INADDR_ANY) || a == loopback1;
+    }
+    if (addr->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)addr)->sin6_addr;
+        return IN6_IS_ADDR_UNSPECIFIED(a) || IN6_IS_ADDR_LOOPBACK(a) || is_mapped(a, loopback1);
+    }
+    return 0;
+}
+
 int bind(int fd, const struct sockaddr *addr, socklen_t len) {
     static bind_fn real_bind;
     if (!real_bind) real_bind = (bind_fn)dlsym(RTLD_NEXT, "bind");
     const char *node = getenv("DEEPSPIKE_NODE_ADDR");
     struct in_addr ip;
-    if (!node || !addr || inet_pton(AF_INET, node, &ip) != 1) return real_bind(fd, addr, len);
+    if (!node || !addr || !movable(addr, len) || !is_ray_process()) return real_bind(fd, addr, len);
+    if (inet_pton(AF_INET, node, &ip) != 1) {
+        /* Fail closed: a node address that does not parse must not leave a listener on every interface. */
+        static int warned;
+        if (!warned) {
+            warned = 1;
+            fprintf(stderr, "bind_node_addr: DEEPSPIKE_NODE_ADDR=\"%s\" is not an IPv4 address; refusing binds to "
+                            "the wildcard address and 127.0.0.1 (EADDRNOTAVAIL)\n", node);
+        }
+        errno = EADDRNOTAVAIL;
+        return -1;
+    }
     in_addr_t loopback1 = htonl(INADDR_LOOPBACK);
 
     if (addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {

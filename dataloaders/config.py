@@ -14,6 +14,9 @@ ACCESS = ("random", "stream")
 DECODERS = ("simplejpeg", "torchvision", "opencv", "torchcodec", "pil")
 ON_ERROR = ("skip", "stop")
 WRITE_MODES = ("raw", "jpg", "smart")
+# 2**27 px (e.g. 16,384 x 8,192; 384 MiB of RGB pixels): an order of magnitude above camera photos such as
+# ImageNet's, small enough that a worker decoding one does not take the node's memory.
+MAX_PIXELS = 1 << 27
 
 
 @dataclass
@@ -66,6 +69,9 @@ class DataConfig:
     through a shuffle buffer, caching nothing (remote shards too big for a node). See dataloaders.stream."""
     shuffle_buffer: int = 1000
     """stream, train: samples held for the buffered shuffle (WebDataset's shuffle(n)); also the read-ahead."""
+    max_pixels: int = MAX_PIXELS
+    """wds: a sample whose image header declares more pixels than this is skipped and counted (as an
+    undecodable sample) before any decoder allocates memory for it."""
     retries: int = 3
     retry_backoff: float = 1.0
     """stream: re-reads of a failing shard before the run stops, the first after retry_backoff seconds,
@@ -93,6 +99,8 @@ class DataConfig:
         if self.shuffle_buffer < 1 or self.retries < 0:
             raise ValueError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 1 and "
                              f"data.retries={self.retries} >= 0")
+        if self.max_pixels < 1:
+            raise ValueError(f"data.max_pixels={self.max_pixels} must be >= 1")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1 and "
                              f"data.num_workers={self.num_workers} >= 0")

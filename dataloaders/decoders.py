@@ -1,9 +1,14 @@
 """JPEG decoders for the wds path: file bytes in, uint8 RGB [3, H, W] out (grey or CMYK files become RGB),
-a ValueError or RuntimeError (which the loader counts as an undecodable sample) for bytes that are not
-a decodable JPEG. `data.decoder` picks one; `python -m bench.loaders`
-measures them all with the crop that follows. Other formats (the CIFAR and digits PNGs) go through
-`decode_lossless` whatever the choice: Pillow, exact pixels and no call into torchvision's deprecated
+a ValueError (`UndecodableSample` where a library raises its own type; the loader counts it as an
+undecodable sample) for bytes that are not a decodable image. `data.decoder` picks one; `python -m
+bench.loaders` measures them all with the crop that follows. Other formats (the CIFAR and digits PNGs) go
+through `decode_lossless` whatever the choice: Pillow, exact pixels and no call into torchvision's deprecated
 image I/O; DVS event frames (gzip'd .npy) through `decode_frames`, bounded to the size they must have.
+
+Every image decoder first reads the pixel count its file's header declares and refuses one above
+`max_pixels` (data.max_pixels) before anything is allocated: a few hundred bytes of JPEG can declare
+65,500 x 65,500 px, which libjpeg would try to hold (12.9 GB of pixels; a progressive file's coefficients
+are buffered whole before any bounds check).
 
 - simplejpeg: libjpeg-turbo's own API, the default: the fastest maintained one in bench.loaders (about
   1.1-1.25x torchvision per core for decode + crop on 300-500 px JPEGs).
@@ -21,34 +26,71 @@ decodes only that window with libjpeg-turbo (deepspike_jpeg, built with the LIF 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
+import logging
 import zlib
 
 import numpy as np
 import torch
 
-from dataloaders.config import DECODERS
+from dataloaders.config import DECODERS, MAX_PIXELS
+
+log = logging.getLogger(__name__)
+
+
+class UndecodableSample(ValueError):
+    """A sample's bytes that a decoder refuses (its library's own error type, or a header declaring more
+    pixels than data.max_pixels); the loader counts the sample and goes on."""
+
+
+def check_pixels(height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise UndecodableSample(f"the header declares {width} x {height} = {height * width:,} px, more than "
+                                f"data.max_pixels={max_pixels:,}")
+
+
+def jpeg_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(height, width) from a JPEG's header, read without decoding; UndecodableSample above max_pixels."""
+    import simplejpeg
+
+    h, w, _, _ = simplejpeg.decode_jpeg_header(data)  # a ValueError for bytes that are no JPEG
+    check_pixels(h, w, max_pixels)
+    return h, w
 
 
 @functools.cache
-def get_decoder(name: str):
-    """The decode function of `name` (one of DECODERS); a clear error when its package is missing."""
+def get_decoder(name: str, max_pixels: int = MAX_PIXELS):
+    """The decode function of `name` (one of DECODERS), which refuses a header declaring more than
+    `max_pixels` before the decoder allocates anything; a clear error when its package is missing."""
     if name not in DECODERS:
         raise ValueError(f"data.decoder={name!r}; expected one of {DECODERS}")
     try:
-        return globals()[f"_{name}"]()
+        decode = globals()[f"_{name}"]()
     except ImportError as e:
         raise ValueError(f"data.decoder={name!r} needs a package that is not installed ({e})") from e
 
+    def capped(data: bytes) -> torch.Tensor:
+        jpeg_size(data, max_pixels)
+        return decode(data)
 
-def decode_lossless(data: bytes) -> torch.Tensor:
-    """PNG (or any format Pillow reads) -> uint8 RGB [3, H, W]."""
+    return capped
+
+
+def decode_lossless(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """PNG (or any format Pillow reads) -> uint8 RGB [3, H, W]; UndecodableSample for what Pillow refuses,
+    its own decompression-bomb limit included, and for a header declaring more than max_pixels (Pillow reads
+    only the header until `convert`)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        return _from_hwc(np.array(im.convert("RGB")))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            check_pixels(im.height, im.width, max_pixels)
+            return _from_hwc(np.array(im.convert("RGB")))
+    # Pillow's documented errors for bad files: OSError (UnidentifiedImageError, truncated data), SyntaxError
+    # from some format plugins, and DecompressionBombError, which derives from Exception only.
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UndecodableSample(f"not a decodable image ({type(e).__name__}: {e})") from e
 
 
 _NPY_HEADER_MAX = 4096  # an .npy header of a plain array is padded to 64 bytes; 4 KiB is ample
@@ -56,12 +98,24 @@ _NPY_HEADER_MAX = 4096  # an .npy header of a plain array is padded to 64 bytes;
 
 def decode_frames(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     """gzip'd .npy uint16 event counts of exactly `shape`; a ValueError for anything else (corrupt gzip, a
-    decompression bomb, which stops one byte past the size the sample must have, another shape or dtype)."""
+    decompression bomb, which stops one byte past the size the sample must have, another shape or dtype).
+    The .npy header is checked before the array is read: np.load allocates the shape a header declares
+    before it finds the data missing."""
+    from numpy.lib import format as npy
+
     raw = gunzip(data, int(np.prod(shape)) * 2 + _NPY_HEADER_MAX)
-    array = np.load(io.BytesIO(raw), allow_pickle=False)
-    if array.dtype != np.uint16 or array.shape != tuple(shape):
-        raise ValueError(f"event frames of {array.dtype} {array.shape}, expected uint16 {tuple(shape)}")
-    return torch.from_numpy(array)
+    f = io.BytesIO(raw)
+    version = npy.read_magic(f)  # a ValueError for anything but an .npy header
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"an .npy file of format version {version}, expected 1.0 or 2.0")
+    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    got, fortran, dtype = read_header(f, max_header_size=_NPY_HEADER_MAX)
+    if dtype != np.dtype("<u2") or tuple(got) != tuple(shape) or fortran:
+        raise ValueError(f"event frames of {dtype} {tuple(got)}{' (Fortran order)' if fortran else ''}, "
+                         f"expected little-endian uint16 {tuple(shape)}")
+    if len(raw) - f.tell() != int(np.prod(shape)) * 2:
+        raise ValueError(f"event frames of {len(raw) - f.tell()} data bytes, expected {int(np.prod(shape)) * 2}")
+    return torch.from_numpy(np.frombuffer(raw, np.uint16, offset=f.tell()).reshape(shape).copy())
 
 
 def gunzip(data: bytes, limit: int) -> bytes:
@@ -81,7 +135,7 @@ def gunzip(data: bytes, limit: int) -> bytes:
 
 def _from_hwc(array) -> torch.Tensor:
     if array is None or array.ndim != 3:
-        raise ValueError("not a decodable JPEG")
+        raise UndecodableSample("not a decodable JPEG")
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
@@ -97,7 +151,10 @@ def _opencv():
     cv2.setNumThreads(1)  # the loader's parallelism is its worker processes
 
     def decode(data: bytes) -> torch.Tensor:
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        try:
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        except cv2.error as e:  # most bad files give None; some reach OpenCV's own exception
+            raise UndecodableSample(f"not a decodable JPEG ({e})") from e
         return _from_hwc(None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
     return decode
@@ -107,7 +164,10 @@ def _torchvision():
     from torchvision.io import ImageReadMode, decode_image
 
     def decode(data: bytes) -> torch.Tensor:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        try:
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as e:  # torchvision's error type for a file its decoders refuse
+            raise UndecodableSample(f"not a decodable JPEG ({e})") from e
 
     return decode
 
@@ -115,17 +175,17 @@ def _torchvision():
 def _torchcodec():
     from torchcodec.decoders import decode_jpeg
 
-    return functools.partial(decode_jpeg, mode="RGB")
+    def decode(data: bytes) -> torch.Tensor:
+        try:
+            return decode_jpeg(data, mode="RGB")
+        except RuntimeError as e:  # TorchCodec's error type for a file it refuses
+            raise UndecodableSample(f"not a decodable JPEG ({e})") from e
+
+    return decode
 
 
 def _pil():
-    def decode(data: bytes) -> torch.Tensor:
-        try:
-            return decode_lossless(data)
-        except OSError as e:
-            raise ValueError(f"not a decodable JPEG ({e})") from e
-
-    return decode
+    return decode_lossless
 
 
 def decode_reduced(data: bytes, factor: int) -> torch.Tensor:
@@ -178,17 +238,19 @@ class DecoderCrop:
     pixels); tests/test_data_decoders.py bounds the difference. `decode(data, factor)`: the whole-image
     decoder for `window=False` and for CMYK files."""
 
-    def __init__(self, size: int, flip: bool, reduce: bool = True, window: bool = False, decode=decode_reduced):
+    def __init__(self, size: int, flip: bool, reduce: bool = True, window: bool = False, decode=decode_reduced,
+                 max_pixels: int = MAX_PIXELS):
         from torchvision.transforms import v2
 
         self.size, self.reduce, self.window, self.decode, self.flip = size, reduce, window, decode, flip
+        self.max_pixels = max_pixels
         self.crop = v2.RandomResizedCrop(size, antialias=True)
+        self.whole_image_decodes = 0  # CMYK files under `window`, in this process
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        import simplejpeg
         from torchvision.transforms.v2 import functional as F
 
-        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        h, w = jpeg_size(data, self.max_pixels)
         box = self.crop.make_params([torch.zeros(1, 1, 1).expand(3, h, w)])  # only the size is read
         factor = 1
         while self.reduce and factor < 8 and min(box["height"], box["width"]) >= 2 * factor * self.size:
@@ -200,10 +262,19 @@ class DecoderCrop:
         width = min(rw - left, max(1, round(box["width"] * rw / w)))
         x = None
         if self.window:
-            with contextlib.suppress(NotImplementedError):
+            try:
                 x = decode_window(data, top, left, height, width, factor)
+            except NotImplementedError:
+                self._count_whole_image_decode()
         if x is None:
             x = self.decode(data, factor)[:, top:top + height, left:left + width]
         x = F.resize(x, [self.size, self.size], antialias=True)
         # v2.RandomHorizontalFlip's own draw, without its per-call dispatch (a tenth of this call's time)
         return x.flip(-1) if self.flip and torch.rand(1) < 0.5 else x
+
+    def _count_whole_image_decode(self) -> None:
+        self.whole_image_decodes += 1
+        n = self.whole_image_decodes
+        if n & (n - 1) == 0:  # 1, 2, 4, ...: the count grows in the log without a line per file
+            log.warning("%d CMYK JPEG(s) so far in this process took the whole-image decode (libjpeg cannot "
+                        "convert CMYK to RGB window by window): slower, the same pixels", n)

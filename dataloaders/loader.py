@@ -175,11 +175,12 @@ def build_loader(cfg: DataConfig, split: str, rank: int, world_size: int) -> Loa
             require_window_decoder()
         crop = None
         if window or (cfg.reduced_decode and train):
-            crop = DecoderCrop(cfg.image_size, cfg.hflip, reduce=cfg.reduced_decode, window=window)
+            crop = DecoderCrop(cfg.image_size, cfg.hflip, reduce=cfg.reduced_decode, window=window,
+                               max_pixels=cfg.max_pixels)
         augment = transforms.augment(cfg, train, side, cropped_by_decoder=crop is not None)
         shards = ShardSet(cfg.path, manifest, cfg.cache_dir)
         dataset = WdsDataset(shards, manifest["sample"]["ext"], augment, shape, cfg.decoder, len(manifest["classes"]),
-                             crop)
+                             crop, cfg.max_pixels)
         stream = ShardStream(shards, cfg.retries, cfg.retry_backoff) if cfg.access == "stream" else None
         return Loader(plan, _TorchBackend(dataset, cfg.num_workers, stream), transforms.normalize(cfg, manifest),
                       manifest["classes"], spec.time_first)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,11 @@ def _nonneg_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
+def _real(v) -> bool:
+    """A finite int or float (json.loads reads NaN and Infinity as floats)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def validate_manifest(m: dict, split: str, url: str) -> None:
     """Raise ValueError naming the first field of manifest `m` (read as `split`) that is not what
     `dataloaders.convert` writes: file names become paths and `pipe:` arguments, counts become plans."""
@@ -114,6 +119,16 @@ def validate_manifest(m: dict, split: str, url: str) -> None:
     if shape is not None and not (isinstance(shape, list) and shape and
                                   all(_nonneg_int(d) and d > 0 for d in shape)):
         bad("sample.shape", shape, "null or a list of positive integers")
+    if "stats" in m:  # measured at conversion; normalises every batch and picks the folder augmentation
+        stats = m["stats"]
+        if not isinstance(stats, dict):
+            bad("stats", stats, "{'mean': ..., 'std': ..., 'median_short_side': ...}")
+        for key, low in (("mean", 0.0), ("std", 1e-6)):  # pixels scaled to 0..1; a std of 0 divides by zero
+            v = stats.get(key)
+            if not (isinstance(v, list) and len(v) == 3 and all(_real(x) and low <= x <= 1 for x in v)):
+                bad(f"stats.{key}", v, f"3 numbers in [{low:g}, 1], one per RGB channel")
+        if not (_nonneg_int(stats.get("median_short_side")) and stats["median_short_side"] > 0):
+            bad("stats.median_short_side", stats.get("median_short_side"), "a positive integer")
     if m["format"] == "ffcv":
         if m.get("file") != f"{split}.beton":
             bad("file", m.get("file"), f"'{split}.beton'")
@@ -135,7 +150,8 @@ def validate_manifest(m: dict, split: str, url: str) -> None:
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards or not all(isinstance(s, dict) for s in shards):
         bad("shards", shards, "a non-empty list of shard records")
-    name_re = re.compile(rf"{split}-\d{{6}}\.tar")  # no separators, no '..', nothing a shell reads
+    # [0-9], not \d (which also takes other scripts' digits): no separators, no '..', nothing a shell reads
+    name_re = re.compile(rf"{split}-[0-9]{{6}}\.tar")
     for k, s in enumerate(shards):
         if not isinstance(s.get("name"), str) or not name_re.fullmatch(s["name"]):
             bad(f"shards[{k}].name", s.get("name"), f"'{split}-NNNNNN.tar'")
@@ -167,11 +183,45 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class ShardMismatch(OSError):
+    """A shard's bytes that differ from its manifest record (more bytes, fewer, or another sha256): stale or
+    tampered data, which reading again does not fix."""
+
+
+class VerifiedReader:
+    """Reads of a shard's stream that hash the bytes as they pass and never go more than one byte past the
+    manifest's size (ShardMismatch there), so a remote that sends more cannot fill a disk or memory;
+    `finish` reads what is left (tar padding) and checks the size and, where the manifest has one, the
+    sha256."""
+
+    def __init__(self, f, url: str, size: int, sha256: str | None):
+        self.f, self.url, self.size, self.sha256 = f, url, size, sha256
+        self.count, self.hash = 0, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size + 1 - self.count
+        data = self.f.read(left if n is None or n < 0 else min(n, left)) if left > 0 else b""
+        self.count += len(data)
+        self.hash.update(data)
+        if self.count > self.size:
+            raise ShardMismatch(f"{self.url}: more than the manifest's {self.size} bytes (reading stopped there); "
+                                "the remote copy is not the shard the manifest describes")
+        return data
+
+    def finish(self) -> None:
+        while self.read(1 << 22):
+            pass
+        got = self.hash.hexdigest()
+        if self.count != self.size or (self.sha256 is not None and got != self.sha256):
+            raise ShardMismatch(f"{self.url}: read {self.count} bytes with sha256 {got}, the manifest says "
+                                f"{self.size} bytes, sha256 {self.sha256}; the remote copy is truncated or stale")
+
+
 def fetch(url: str, dest: Path, size: int, sha256: str) -> Path:
-    """Download `url` to `dest` once; verified against the manifest so a cut-off transfer is never used. A
-    cached copy is used only when its sha256 matches; a stamp beside it spares re-hashing it while the file
-    is unchanged (any write to it moves its ctime, which the stamp records). A copy that no longer matches
-    is fetched again."""
+    """Download `url` to `dest` once, hashing on the way and stopping one byte past the manifest's size, so
+    a cut-off or oversized transfer is never used. A cached copy is used only when its sha256 matches; a
+    stamp beside it spares re-hashing it while the file is unchanged (any write to it moves its ctime, which
+    the stamp records). A copy that no longer matches is fetched again."""
     if dest.exists():
         if _cached_copy_matches(dest, size, sha256):
             return dest
@@ -179,13 +229,15 @@ def fetch(url: str, dest: Path, size: int, sha256: str) -> Path:
                     dest, url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.part{os.getpid()}")
-    with open_remote(url) as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 22)
-    got, got_size = sha256_file(tmp), tmp.stat().st_size
-    if got_size != size or got != sha256:
-        tmp.unlink()
-        raise OSError(f"{url}: downloaded {got_size} bytes with sha256 {got}, "
-                      f"manifest says {size} bytes, sha256 {sha256}; the remote copy is truncated or stale")
+    try:
+        with open_remote(url) as src, open(tmp, "wb") as out:
+            reader = VerifiedReader(src, url, size, sha256)
+            while chunk := reader.read(1 << 22):
+                out.write(chunk)
+            reader.finish()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dest)  # concurrent downloaders on one node both write complete, identical files
     _stamp(dest, sha256)
     return dest

@@ -17,8 +17,11 @@ The order, like `SampleOrder`'s, derives from (seed, epoch) alone:
   owed (shard and offset in `Loader.state_dict()["stream"]`) and skips the ones already used;
 - ranks whose part is shorter pad their last batch with label -1 rows, train included, so all ranks
   yield the same number of batches.
-A shard that fails to open or breaks off is re-read from the sample where it stopped, `data.retries`
-times with doubling back-off, then stops the run with one error naming it.
+A shard that fails to open or breaks off (an I/O error) is re-read from the sample where it stopped,
+`data.retries` times with doubling back-off, then stops the run with one error naming it; other exceptions
+are bugs and propagate at once. Every read that reaches a shard's end (one per shard and epoch: the rank
+whose part holds its last sample) has hashed the whole shard on the way and checks it against the
+manifest's size and sha256 before that sample is used; no read goes past the manifest's size.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataloaders.manifest import is_remote, open_remote, resolve
+from dataloaders.manifest import ShardMismatch, VerifiedReader, is_remote, open_remote, resolve
 from dataloaders.order import PAD, SampleOrder
 from dataloaders.wds_reader import ShardError, ShardSet
 
@@ -142,20 +145,22 @@ class ShardStream:
                 yield from self._shard(k, first, first + len(run))
 
     def _shard(self, k: int, first: int, stop: int):
-        name, expected = self.shards.shards[k]["name"], self.shards.shards[k]["num_samples"]
+        record = self.shards.shards[k]
+        name, expected = record["name"], record["num_samples"]
         url = resolve(self.shards.root, f"{self.shards.split}/{name}")
         j, failures = first, 0
         while True:
             try:
-                for j_read, sample in _tar_samples(url, j):
+                for j_read, sample in _tar_samples(url, j, record["bytes"], record.get("sha256")):
                     yield int(self.starts[k]) + j_read, name, sample
                     j = j_read + 1
                     if j == stop:
                         return
                 raise ShardError(f"{url}: ends after {j} samples, the manifest records {expected}; the "
                                  "shard is truncated")
-            # Transport errors come from fsspec, aiohttp, a pipe: command or tarfile, with no common base.
-            except Exception as e:
+            except ShardMismatch:
+                raise  # other bytes than the manifest's: reading them again gives the same
+            except _transport_errors() as e:
                 failures += 1
                 if failures > self.retries:
                     raise ShardError(f"shard {url}: {failures} failed attempts to read it from sample {j} "
@@ -166,13 +171,31 @@ class ShardStream:
                 time.sleep(wait)
 
 
-def _tar_samples(url: str, first: int):
+@functools.cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What reading a shard raises when the storage or the network fails: OSError (files, sockets, fsspec,
+    a `pipe:` command's exit status, ShardError), a cut-off tar, and aiohttp's own errors (fsspec's HTTP
+    transport: a body cut short is a ClientPayloadError, not an OSError). Anything else is a bug."""
+    errors: list[type[BaseException]] = [OSError, EOFError, tarfile.TarError]
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _tar_samples(url: str, first: int, size: int, sha256: str | None):
     """(offset, {ext: bytes}) of the samples of one WebDataset tar from `first` on, read front to back
-    (the members of a sample are adjacent; those before `first` are read past, not kept)."""
+    (the members of a sample are adjacent; those before `first` are read past, not kept). The bytes are
+    hashed as they pass and never read past the manifest's `size`; a read that reaches the end of the tar
+    checks the size and sha256 before its last sample is handed over (ShardMismatch)."""
     opener = open_remote if is_remote(url) else functools.partial(open, mode="rb")
     # Reads of 256 KiB: tarfile's default 10 KiB each cost a round trip through fsspec's event-loop thread,
     # which made the main process spend more on reading a stream than a worker on decoding it.
-    with opener(url) as f, tarfile.open(fileobj=f, mode="r|", bufsize=_READ_SIZE) as tf:
+    with opener(url) as raw, tarfile.open(fileobj=(f := VerifiedReader(raw, url, size, sha256)), mode="r|",
+                                          bufsize=_READ_SIZE) as tf:
         key, sample, offset = None, {}, -1
         for m in tf:
             if not m.isfile():
@@ -185,5 +208,6 @@ def _tar_samples(url: str, first: int):
                 key, sample, offset = m.name[:dot], {}, offset + 1
             if offset >= first:
                 sample[m.name[dot + 1 :]] = tf.extractfile(m).read()
+        f.finish()
         if offset >= first:
             yield offset, sample

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataloaders.config import MAX_PIXELS
 from dataloaders.decoders import decode_frames, decode_lossless, get_decoder
 from dataloaders.manifest import fetch, is_remote, resolve
 from dataloaders.transforms import seeded
@@ -99,26 +100,29 @@ class ShardSet:
         return self.shards[k]["name"], {ext: os.pread(fd, n, off) for ext, (off, n) in members[j].items()}
 
 
-def decode(ext: str, data: bytes, jpeg_decoder: str, frames_shape: tuple[int, ...]) -> torch.Tensor:
+def decode(ext: str, data: bytes, jpeg_decoder: str, frames_shape: tuple[int, ...],
+           max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """uint8 [3, H, W] image or uint16 [T, 2, 128, 128] event counts (of `frames_shape`)."""
     if ext == "npy.gz":
         return decode_frames(data, frames_shape)
     if ext == "jpg":
-        return get_decoder(jpeg_decoder)(data)
-    return decode_lossless(data)
+        return get_decoder(jpeg_decoder, max_pixels)(data)
+    return decode_lossless(data, max_pixels)
 
 
 class WdsDataset(torch.utils.data.Dataset):
     """Item (position, seed or None[, shard name, sample]) -> (augmented uint8 sample, label, undecodable?);
-    the trainer normalises whole batches. Position PAD gives a padding row; an undecodable sample is logged
-    and returned as a blank with label -1, so one bad JPEG never stops a run (the loader counts them).
+    the trainer normalises whole batches. Position PAD gives a padding row; an undecodable sample (a
+    ValueError from the decoders, which turn their libraries' own error types into one, or a sample without
+    its label or image member) is logged and returned as a blank with label -1, so one bad file never stops
+    a run (the loader counts them). Any other exception is a bug and propagates.
     `crop`: a decoder that also crops (`decoders.DecoderCrop`), drawing from the sample's seed
     before `augment` does."""
 
     def __init__(self, shards: ShardSet, ext: str, augment, blank_shape, jpeg_decoder: str, num_classes: int,
-                 crop=None):
+                 crop=None, max_pixels: int = MAX_PIXELS):
         self.shards, self.ext, self.augment, self.jpeg_decoder, self.crop = shards, ext, augment, jpeg_decoder, crop
-        self.num_classes = num_classes
+        self.num_classes, self.max_pixels = num_classes, max_pixels
         self.blank = torch.zeros(blank_shape, dtype=torch.uint16 if ext == "npy.gz" else torch.uint8)
 
     def __len__(self) -> int:
@@ -130,16 +134,18 @@ class WdsDataset(torch.utils.data.Dataset):
             return self.blank, -1, False
         shard, sample = streamed or self.shards.read(index)
         try:
+            missing = {"cls", self.ext} - sample.keys()
+            if missing:
+                raise ValueError(f"the sample has no {' or '.join(sorted(missing))} member (it has {sorted(sample)})")
             label = int(sample["cls"])
             if not 0 <= label < self.num_classes:  # would index past the head (a device-side assert on CUDA)
                 raise ValueError(f"label {label} outside the manifest's {self.num_classes} classes")
             return seeded(self._decode_augment, sample[self.ext], seed), label, False
-        except (RuntimeError, ValueError, OSError, KeyError, EOFError) as e:
+        except ValueError as e:
             log.warning("skipping undecodable sample %d of %s/%s: %s", index, self.shards.split, shard, e)
             return self.blank, -1, True
 
     def _decode_augment(self, data: bytes) -> torch.Tensor:
         x = self.crop(data) if self.crop is not None else decode(self.ext, data, self.jpeg_decoder,
-                                                                 tuple(self.blank.shape))
+                                                                 tuple(self.blank.shape), self.max_pixels)
         return x if self.augment is None else self.augment(x)
-

@@ -7,6 +7,9 @@ folder.
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from PIL import Image
 from dataloaders import synthetic
 from dataloaders.cifar_format import write_cifar10
 from dataloaders.convert import convert
+from dataloaders.manifest import sha256_file
 
 ROUND_TRIP_SIDE = 64
 
@@ -42,6 +46,35 @@ def indices_of(images: torch.Tensor) -> list[int]:
     """Inverse of `index_images` on loaded (uint8) CIFAR batches."""
     px = images[:, :, 16, 16].long()
     return (px[:, 0] + 256 * px[:, 1]).tolist()
+
+
+def edit_manifest(root: Path, split: str, edit) -> None:
+    path = root / split / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def replace_members(shard: Path, suffix: str, payloads: dict[int, bytes]) -> None:
+    """Rewrite `shard` with its k-th member ending in `suffix` holding payloads[k]."""
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    names = {m.name: payloads[k] for k, m in enumerate(m for m, _ in members if m.name.endswith(suffix))
+             if k in payloads}
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            data = names.get(m.name, data)
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+
+
+def reseal(root: Path, split: str) -> None:
+    """Record the shards' current sizes and hashes in the manifest, as a hostile converter would."""
+    def edit(m):
+        for s in m["shards"]:
+            f = root / split / s["name"]
+            s.update(bytes=f.stat().st_size, sha256=sha256_file(f))
+    edit_manifest(root, split, edit)
 
 
 @pytest.fixture(scope="session")

@@ -89,6 +89,18 @@ def test_every_listener_of_every_node_is_on_that_nodes_address(clusters):
             c.stop_job(sid)
 
 
+PLAIN_BIND = 'import socket; s = socket.socket(); s.bind(("0.0.0.0", 0)); print("bound", s.getsockname()[0])'
+
+
+def test_a_jobs_own_processes_that_are_not_rays_bind_where_they_ask(clusters):
+    """The job's entrypoint inherits the nodes' LD_PRELOAD, but the shim changes only Ray's processes: a
+    plain process's bind to 0.0.0.0:0 (what a client does before connecting) stays there."""
+    c = client(clusters[0])
+    sid = c.submit_job(entrypoint=f"python -c '{PLAIN_BIND}'")
+    assert wait(c, sid) == JobStatus.SUCCEEDED
+    assert "bound 0.0.0.0" in c.get_job_logs(sid), c.get_job_logs(sid)
+
+
 def test_job_api_refuses_requests_without_the_clusters_token(clusters):
     a, b = clusters
     with pytest.raises(AuthenticationError, match="Missing authentication token"):

@@ -13,23 +13,17 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import psycopg
 import pytest
+from trainer_fixtures import free_port, start_on_free_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> bytes:
@@ -37,28 +31,43 @@ def get(url: str) -> bytes:
         return r.read()
 
 
+def _answers(url: str) -> bool:
+    try:
+        return get(url) == b"OK"
+    except OSError:
+        return False
+
+
 def test_tracking_server_on_postgresql(tmp_path):
-    port, pg_port = free_port(), free_port()
-    # PostgreSQL runs as user postgres, which cannot enter pytest's private tmp folders.
-    pgdata = Path(tempfile.mkdtemp(prefix="deepspike-pg-"))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               MLFLOW_BACKEND="postgres", MLFLOW_PORT=str(port), PG_PORT=str(pg_port), PGDATA=str(pgdata))
     script = str(ROOT / "cluster/mlflow/server.sh")
-    with open(tmp_path / "server.log", "wb") as log:
-        server = subprocess.Popen([script, "run", str(tmp_path)], env=env, start_new_session=True, stdout=log,
-                                  stderr=subprocess.STDOUT)
+    started: list[dict[str, str]] = []  # each attempt's environment, to stop its PostgreSQL
+
+    def start(port: int) -> subprocess.Popen:
+        # PostgreSQL runs as user postgres, which cannot enter pytest's private tmp folders.
+        pgdata = tempfile.mkdtemp(prefix="deepspike-pg-")
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                   MLFLOW_BACKEND="postgres", MLFLOW_PORT=str(port), PG_PORT=str(free_port()), PGDATA=pgdata)
+        started.append(env)
+        with open(tmp_path / "server.log", "ab") as log:
+            return subprocess.Popen([script, "run", str(tmp_path)], env=env, start_new_session=True, stdout=log,
+                                    stderr=subprocess.STDOUT)
+
+    def stop_postgres(env: dict[str, str]) -> None:
+        subprocess.run([script, "stop", str(tmp_path)], env=env, check=True)
+
+    try:
+        server, port = start_on_free_port(start, lambda p: _answers(f"http://127.0.0.1:{p}/health"))
+    except BaseException:
+        for env in started:
+            stop_postgres(env)
+        raise
+    for env in started[:-1]:  # attempts whose MLflow port was taken: their PostgreSQL goes
+        stop_postgres(env)
+        shutil.rmtree(env["PGDATA"])
+    env = started[-1]
+    pg_port, pgdata = int(env["PG_PORT"]), Path(env["PGDATA"])
     uri = f"http://127.0.0.1:{port}"
     try:
-        end = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if get(uri + "/health") == b"OK":
-                    break
-            except OSError:
-                assert time.monotonic() < end, "MLflow server not up after 120 s"
-                time.sleep(0.5)
-
         client = mlflow.MlflowClient(uri)  # not the fluent API: no process-wide tracking URI
         run = client.create_run(client.create_experiment("pg-check"), run_name="r1")
         client.log_param(run.info.run_id, "model.name", "ms_resnet20")
@@ -83,7 +92,7 @@ def test_tracking_server_on_postgresql(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
-        subprocess.run([script, "stop", str(tmp_path)], env=env, check=True)
+        stop_postgres(env)
     assert not (pgdata / "postmaster.pid").exists()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", pg_port)) != 0  # PostgreSQL is down

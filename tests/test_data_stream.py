@@ -1,10 +1,13 @@
 """data.access=stream: each rank reads its run of shards in order (local or over HTTP), covers every sample
-once per epoch on any world size, resumes mid-epoch bit for bit, and retries a failing shard, then names it."""
+once per epoch on any world size, resumes mid-epoch bit for bit, retries a failing shard, then names it, and
+checks every shard's bytes against the manifest on the way."""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import shutil
+import tarfile
 import threading
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch
 from data_fixtures import indices_of
 
 from dataloaders import DataConfig, build_loader
+from dataloaders.manifest import ShardMismatch
 from dataloaders.stream import StreamOrder, buffered_shuffle
 from dataloaders.wds_reader import ShardError
 
@@ -150,3 +154,63 @@ def test_stream_plan_position_points_at_the_earliest_owed_sample():
     assert plan.position(0, 3) == {"shard": 1, "offset": 4}  # eval reads in stored order
     with pytest.raises(ValueError, match="access='stream' with data.format='ffcv'"):
         DataConfig(format="ffcv", access="stream")
+
+
+def _tamper(shard: Path) -> None:
+    """Same size, other bytes: the last 100 bytes of the first member's payload (a PNG's IEND region)."""
+    with tarfile.open(shard) as tf:
+        m = next(m for m in tf if m.name.endswith(".png"))
+    data = bytearray(shard.read_bytes())
+    data[m.offset_data + m.size - 100 : m.offset_data + m.size] = bytes(100)
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_stream_verifies_each_shards_sha256_on_the_fly(index_cifar, tmp_path, remote):
+    """A shard with the manifest's size but other bytes (local, and behind `pipe:cat`) stops the read that
+    reaches its end, naming it, and is not retried; the untouched split streams as before."""
+    root = shutil.copytree(index_cifar["wds"], tmp_path / "wds")
+    _tamper(root / "test" / "test-000002.tar")
+    path = f"pipe:cat {root}/{{}}" if remote else root
+    with pytest.raises(ShardMismatch, match=r"test-000002\.tar: read 30720 bytes with sha256 [0-9a-f]{64}, "
+                       r"the manifest says 30720 bytes"):
+        _epoch(build_loader(_cfg(path), "test", 0, 1), 0)
+    x, y = _epoch(build_loader(_cfg(path), "train", 0, 1), 0)
+    assert sorted(indices_of(x[y >= 0])) == list(range(60))
+
+
+def _endless_remote(tmp_path: Path, root: Path) -> tuple[str, Path]:
+    """A `pipe:` root whose command sends the real shard, then 64 MiB more, then marks that it sent it all."""
+    script, done = tmp_path / "serve.sh", tmp_path / "SENT_ALL"
+    script.write_text(f'cat "{root}/$1" || exit 1\n'
+                      f'case "$1" in *.tar) head -c 67108864 /dev/zero && touch {done};; esac\n')
+    return f"pipe:sh {script} {{}}", done
+
+
+def test_a_remote_sending_more_than_the_manifests_size_is_cut_off(index_cifar, tmp_path):
+    """Stream mode and random access's fetch alike stop one byte past the manifest's size (ShardMismatch)
+    instead of reading, or copying to the cache disk, whatever the remote sends."""
+    url, done = _endless_remote(tmp_path, index_cifar["wds"])
+    with pytest.raises(ShardMismatch, match=r"test-000000\.tar: more than the manifest's 30720 bytes"):
+        _epoch(build_loader(_cfg(url), "test", 0, 1), 0)
+    cfg = _cfg(url, access="random", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ShardMismatch, match=r"test-000000\.tar: more than the manifest's 30720 bytes"):
+        _epoch(build_loader(cfg, "test", 0, 1), 0)
+    assert not done.exists() and not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_a_bug_while_streaming_is_raised_not_retried(index_cifar, monkeypatch):
+    """Only I/O errors are retried: a TypeError inside the read (a bug) propagates at the first attempt."""
+    import dataloaders.stream as stream
+
+    calls = []
+
+    def buggy(*args):
+        calls.append(args)
+        raise TypeError("a bug in the reader")
+        yield
+
+    monkeypatch.setattr(stream, "_tar_samples", buggy)
+    with pytest.raises(TypeError, match="a bug in the reader"):
+        _epoch(build_loader(_cfg(index_cifar["wds"], retries=3), "test", 0, 1), 0)
+    assert len(calls) == 1

@@ -78,9 +78,10 @@ def test_a_cut_short_jpeg_is_refused_where_the_window_reaches_the_cut():
     assert torch.equal(decode_window(cut, 0, 20, 40, 200, 1), get_decoder("simplejpeg")(data)[:, :40, 20:220])
 
 
-def test_decoder_crop_matches_decode_then_crop_and_falls_back_for_cmyk():
+def test_decoder_crop_matches_decode_then_crop_and_falls_back_for_cmyk(caplog):
     """The same seed draws the same window and flip as v2.RandomResizedCrop + flip on the decoded image: the
-    crops are equal. CMYK files, which libjpeg cannot turn into RGB, take the whole-image decode."""
+    crops are equal. CMYK files, which libjpeg cannot turn into RGB, take the whole-image decode, counted in
+    the log (at the 1st, 2nd, 4th ... file of a process)."""
     from torchvision.transforms import v2
 
     full = v2.Compose([v2.RandomResizedCrop(48, antialias=True), v2.RandomHorizontalFlip()])
@@ -93,26 +94,47 @@ def test_decoder_crop_matches_decode_then_crop_and_falls_back_for_cmyk():
     with pytest.raises(NotImplementedError):
         decode_window(cmyk, 0, 0, 5, 5, 1)
     whole = DecoderCrop(48, flip=True, reduce=False, window=False)
+    assert window.whole_image_decodes == 0
     assert torch.equal(seeded(window, cmyk, 3), seeded(whole, cmyk, 3))
+    seeded(window, cmyk, 4)
+    seeded(window, cmyk, 5)
+    assert window.whole_image_decodes == 3 and whole.whole_image_decodes == 0  # counted where windows decode
+    assert [r.getMessage()[:2] for r in caplog.records if "CMYK" in r.getMessage()] == ["1 ", "2 "]  # 1, 2, 4..
 
 
-@pytest.mark.parametrize("options", [{}, {"auto_augment": True}, {"reduced_decode": True},
-                                     {"reduced_decode": True, "window_decode": False}])
+def _epoch(imagenet_wds, image_size: int, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cfg = DataConfig(dataset="imagenet", path=str(imagenet_wds), batch_size=6, num_workers=0, image_size=image_size,
+                     hflip=True, **{"auto_augment": False, **kw})
+    return [(x.clone(), y.clone()) for x, y in build_loader(cfg, "train", 0, 1)]
+
+
+@pytest.mark.parametrize("options", [{}, {"auto_augment": True}])
 def test_train_batches_are_those_of_the_whole_image_decode(imagenet_wds, options):
-    """The default (window decode), with AutoAugment, and data.reduced_decode with and without it, against
-    data.window_decode=false: the same train batches, bit for bit, crops, flips and AutoAugment ops drawn from
-    the same per-sample seeds (no reduction applies: windows under 2 * image_size px, as all of them are with
-    40-96 px images and 64 px crops)."""
-    def epoch(**kw):
-        cfg = DataConfig(dataset="imagenet", path=str(imagenet_wds), batch_size=6, num_workers=0, image_size=64,
-                         hflip=True, **{"auto_augment": False, **kw})
-        return [(x.clone(), y.clone()) for x, y in build_loader(cfg, "train", 0, 1)]
-
-    tested = epoch(**options)
-    whole = epoch(window_decode=False, auto_augment=options.get("auto_augment", False))
+    """The default (window decode) and with AutoAugment, against data.window_decode=false: the same train
+    batches, bit for bit, crops, flips and AutoAugment ops drawn from the same per-sample seeds."""
+    tested = _epoch(imagenet_wds, 64, **options)
+    whole = _epoch(imagenet_wds, 64, window_decode=False, auto_augment=options.get("auto_augment", False))
     assert len(tested) == len(whole) == 4
     for (xa, ya), (xb, yb) in zip(tested, whole):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+@pytest.mark.parametrize("window_decode", [True, False])
+def test_reduced_decode_reduces_and_keeps_the_crops(imagenet_wds, window_decode):
+    """data.reduced_decode with and without the window decode, at 16 px crops of the 40-96 px images, where
+    windows of >= 32 px are decoded at 1/2 or less: the same samples, crops and flips as the whole-image
+    decode (close pixels), but not the same pixels everywhere (a reduction happened)."""
+    tested = _epoch(imagenet_wds, 16, reduced_decode=True, window_decode=window_decode)
+    whole = _epoch(imagenet_wds, 16, window_decode=False)
+    assert len(tested) == len(whole) == 4
+    diffs = []
+    for (xa, ya), (xb, yb) in zip(tested, whole):
+        assert torch.equal(ya, yb)
+        diffs += (xa.int() - xb.int()).abs().float().mean(dim=(1, 2, 3)).tolist()
+    reduced = sum(d > 0 for d in diffs)
+    assert 0 < reduced < len(diffs) and np.mean(diffs) < 10, diffs
+    print(f"reduced_decode, window_decode={window_decode}: {reduced} of {len(diffs)} crops decoded at a "
+          f"reduced scale, mean |difference| {np.mean(diffs):.2f} levels of 255")
 
 
 def test_a_missing_build_is_a_clear_error(monkeypatch, imagenet_wds):

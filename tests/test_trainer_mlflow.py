@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from trainer_fixtures import digits_shards, free_port, spawn, tiny_config
+from trainer_fixtures import digits_shards, free_port, spawn, start_on_free_port, tiny_config
 
 from trainer.mlflow_logger import metric_key
 
@@ -39,16 +39,28 @@ def _start_server(tmp: Path, port: int, *extra: str) -> subprocess.Popen:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def _wait_healthy(uri: str, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
+        if _healthy(uri):
+            return
+        time.sleep(0.5)
     raise TimeoutError(f"mlflow server at {uri} did not come up")
+
+
+def mlflow_server(tmp: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free port of 127.0.0.1, answering: (process, tracking URI)."""
+    proc, port = start_on_free_port(lambda p: _start_server(tmp, p, *extra),
+                                    lambda p: _healthy(f"http://127.0.0.1:{p}"))
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.slow

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,10 +53,40 @@ def _entry(rank: int, fn, world: int, port: int, args: tuple, env: dict[str, str
 
 def spawn(fn, world: int, *args, env: dict[str, str] | None = None, join: bool = True):
     """Run fn(rank, *args) on `world` fresh processes forming one gloo group; raises if any rank fails.
-    With join=False the torch.multiprocessing context is returned (call .join() until it is True)."""
+    With join=False the torch.multiprocessing context is returned (call .join() until it is True).
+
+    The group's store port is picked free here and bound by rank 0 later, so another process can take it
+    in between: with join=True a store that fails on EADDRINUSE is started again on another port."""
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    return mp.start_processes(_entry, args=(fn, world, free_port(), args, env), nprocs=world,
-                              start_method="spawn", join=join)
+    for attempt in range(3):
+        try:
+            return mp.start_processes(_entry, args=(fn, world, free_port(), args, env), nprocs=world,
+                                      start_method="spawn", join=join)
+        except mp.ProcessRaisedException as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+            print(f"spawn: the store's port was taken before rank 0 bound it; again on another ({e})")
+
+
+def start_on_free_port(start, ready, timeout: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """(process, port) of `start(port)` on a port picked free, once `ready(port)`. A server in another
+    process cannot be handed the port held, so another process may take it between the pick and the
+    server's bind (EADDRINUSE): a server that exits before it is ready is started again on another port."""
+    for _ in range(3):
+        port = free_port()
+        proc = start(port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready(port):
+                return proc, port
+            if proc.poll() is not None:
+                print(f"start_on_free_port: the server on port {port} exited ({proc.returncode}); another port")
+                break
+            time.sleep(0.5)
+        else:
+            proc.kill()
+            raise TimeoutError(f"the server on port {port} was not ready within {timeout:.0f} s")
+    raise RuntimeError("three servers in a row exited before they were ready")
 
 
 def save_results(out: Path, rank: int, results: dict) -> None:

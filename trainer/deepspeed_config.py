@@ -60,4 +60,11 @@ def _merge_user_config(generated: dict[str, Any], path: Path, on_gpu: bool) -> d
                          "engine.precision=bf16 (fp32 engine + bf16 autocast)")
     if user.get("fp16", {}).get("enabled") and not on_gpu:
         raise ValueError(f"{path}: fp16 needs a CUDA GPU")
+    checkpoint = user.get("checkpoint", {})
+    if isinstance(checkpoint, dict) and checkpoint.get("load_universal"):
+        # DeepSpeed's universal-checkpoint loader calls torch.load(weights_only=False) itself, past the
+        # weights-only checkpoint engine every other load of ours goes through.
+        raise ValueError(f"{path}: checkpoint.load_universal loads files with torch.load(weights_only=False), "
+                         "which runs whatever a tampered file holds; remove it: this trainer resumes its own "
+                         "checkpoints at any world size (trainer/checkpoint.py), weights-only")
     return {**generated, **user}

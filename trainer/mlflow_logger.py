@@ -9,9 +9,14 @@ reported once with the server's reason and nothing more is sent. Whatever is uns
 (after `flush_timeout_s`) is written atomically to `<run_dir>/mlflow_unsent.json`; the next invocation
 (e.g. the resume) sends it first and deletes the file only once all of it has been sent.
 
-Metric points are sent at most once per (key, step): a reopened run starts from the newest step the
-server already has for each key, so the steps a resume recomputes after its checkpoint are not logged a
-second time. A run that ends with an exception is marked FAILED (KILLED for an interrupt).
+Metric points are sent at most once per (key, step), the first one logged winning, within one request as
+across requests: a reopened run starts from the newest step the server already has for each key, so the
+steps a resume recomputes after its checkpoint are not logged a second time. A request that the server
+committed but whose reply never came is sent again, which the store absorbs (it keeps one copy of an
+identical metric point; params and tags take the same value again); a run's creation would not be, so a
+retried creation finds the run it made by a token tag instead of making a second one (a logged model whose
+reply was lost is logged again).
+A run that ends with an exception is marked FAILED (KILLED for an interrupt).
 
 Experiments deepspike creates are tagged as model-training experiments (`mlflow.experimentKind`), so the
 MLflow UI opens them on the runs table and charts rather than the GenAI overview; `ui_links` gives the
@@ -31,6 +36,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,7 @@ _ILLEGAL = re.compile(r"[^0-9A-Za-z_\-./ ]")
 _RETRY_S = 3.0
 _PERMANENT = {401, 403, 404}
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+CREATE_TOKEN_TAG = "deepspike.create_token"
 
 
 def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> dict[str, str]:
@@ -84,6 +91,7 @@ class MlflowLogger:
         self._reopened = self._run_id is not None
         self._existing_params: dict[str, str] | None = None
         self._last_step: dict[str, int] = {}
+        self._create_token: str | None = None  # set by the first attempt to create the run
         self._monitor = None
         self._warned = False
         self._refused: str | None = None
@@ -181,7 +189,7 @@ class MlflowLogger:
                                                                                   tags=EXPERIMENT_KIND)
             if exp and "mlflow.experimentKind" not in exp.tags:  # made by an older deepspike or by hand
                 self._client.set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
-            self._run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
+            self._run_id = self._create_run(exp_id)
         if self._existing_params is None:
             try:
                 run = self._client.get_run(self._run_id)
@@ -207,6 +215,21 @@ class MlflowLogger:
                                                  tracking_uri=self.uri)
             self._monitor.start()
 
+    def _create_run(self, experiment_id: str) -> str:
+        """A new run, tagged with this logger's token. A create the server committed but whose reply was
+        lost (a timeout, a dropped connection) is found by that tag on the retry instead of made again: the
+        other requests are idempotent (the store keeps one copy of an identical metric point, params and
+        tags may be sent again with the same value), a create is not."""
+        if self._create_token is not None:
+            found = self._client.search_runs([experiment_id], f"tags.`{CREATE_TOKEN_TAG}` = '{self._create_token}'",
+                                             max_results=1)
+            if found:
+                return found[0].info.run_id
+        self._create_token = uuid.uuid4().hex
+        run = self._client.create_run(experiment_id, run_name=self.run_name,
+                                      tags={CREATE_TOKEN_TAG: self._create_token})
+        return run.info.run_id
+
     def _send_queued(self) -> None:
         while True:
             with self._cv:
@@ -231,12 +254,17 @@ class MlflowLogger:
         kind = batch[0][0]
         c, rid = self._client, self._run_id
         if kind == "metrics":
-            metrics = [Metric(k, v, ts, step) for op in batch for k, v, ts, step in op[1]
-                       if step > self._last_step.get(k, -1)]
+            # The first point of a (key, step) wins, within the batch as across batches: a backed-up queue
+            # can hold a rollback event and the recomputed log line of the same step.
+            last, metrics = dict(self._last_step), []
+            for op in batch:
+                for k, v, ts, step in op[1]:
+                    if step > last.get(k, -1):
+                        metrics.append(Metric(k, v, ts, step))
+                        last[k] = step
             if metrics:
                 c.log_batch(rid, metrics=metrics)
-            for m in metrics:
-                self._last_step[m.key] = max(m.step, self._last_step.get(m.key, -1))
+            self._last_step = last
         elif kind == "params":
             self._send_params(batch[0][1])
         elif kind == "tags":
