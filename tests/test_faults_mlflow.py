@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from test_trainer_mlflow import _start_server, _wait_healthy, mlflow_server
-from trainer_fixtures import digits_shards, free_port, spawn, tiny_config
+from trainer_fixtures import digits_shards, free_port, poisoned_forward, spawn, tiny_config
 
 from trainer.config import MlflowConfig
 from trainer.mlflow_logger import MlflowLogger
@@ -149,9 +149,10 @@ def test_server_killed_and_restarted_mid_run(tmp_path, tmp_path_factory):
 def _train_until_nan(rank: int, data: Path, run_dir: Path, uri: str) -> None:
     from trainer.train import train
 
-    train(tiny_config(data, run_dir, "mlflow.enabled=true", f"mlflow.tracking_uri={uri}", "mlflow.experiment=f",
-                      "optim.max_steps=12", "log_every=2", "engine.nonfinite=stop", "engine.nan_at_batches=[5]",
-                      "mlflow.log_model=false", "mlflow.system_metrics=false"))
+    with poisoned_forward(11):  # 1 rank x micro 16, global 32: two forwards a step; this is step 6's first
+        train(tiny_config(data, run_dir, "mlflow.enabled=true", f"mlflow.tracking_uri={uri}", "mlflow.experiment=f",
+                          "optim.max_steps=12", "log_every=2", "engine.nonfinite=stop", "mlflow.log_model=false",
+                          "mlflow.system_metrics=false"))
 
 
 def test_a_run_that_dies_is_marked_failed_not_left_running(tmp_path, tmp_path_factory):

@@ -1,30 +1,30 @@
 """Non-finite losses on 2 real ranks (DeepSpeed engine, gloo): engine.nonfinite = rollback | skip | stop.
 
-The NaN is injected on rank 1 only (engine.nan_at_batches / nan_rank), so rank 0 sees finite numbers and
-acts only because the check is collective; a rank acting alone would hang the other in its next collective.
-The issue's own reproduction (a huge lr on digits_tiny) runs last. One spawned group runs every training
-back to back; the tests assert on what it wrote.
-"""
+The NaN is injected on rank 1 only (trainer_fixtures.poisoned_forward, a test-only hook on the network), so
+rank 0 sees finite numbers and acts only because the check is collective; a rank acting alone would hang the
+other in its next collective. The issue's own reproduction (a huge lr on digits_tiny) runs last. One spawned
+group runs every training back to back; the tests assert on what it wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_fixtures import save_results, spawn_results, tiny_config
+from trainer_fixtures import poisoned_forward, save_results, spawn_results, tiny_config
 
 from trainer.checkpoint import complete_checkpoints, read_meta
 from trainer.export import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 
-# 2 ranks x micro 16 = global 32: 42 steps per epoch, so all of this stays in epoch 0. Data position 10 is
-# what step 11 reads; the newest checkpoint before it is step 8.
+# 2 ranks x micro 16 = global 32: one forward per step, 42 steps per epoch, so all of this stays in epoch 0.
+# Rank 1's 11th training forward is step 11's; the newest checkpoint before it is step 8.
 BASE = ["optim.max_steps=16", "checkpoint.every_steps=4", "checkpoint.keep_last=1", "log_every=1"]
-POISON = ["engine.nan_at_batches=[10]", "engine.nan_rank=1"]
+POISONED_FORWARD = 11
 
 
 def _worker(rank: int, data: Path, out: Path) -> None:
@@ -33,23 +33,29 @@ def _worker(rank: int, data: Path, out: Path) -> None:
 
     results: dict = {}
 
-    def run(name: str, *overrides: str) -> None:
+    def run(name: str, *overrides: str, poison: str | None = "loss") -> None:
         cfg = tiny_config(data, out / name.split("#")[0], *overrides)
+        hook = poisoned_forward(POISONED_FORWARD, poison) if poison and rank == 1 else contextlib.nullcontext()
         try:
-            results[name] = {"result": train(cfg)}
+            with hook:
+                results[name] = {"result": train(cfg)}
         except NonFiniteError as e:
             results[name] = {"error": str(e)}
 
-    run("rollback", *BASE, *POISON)
-    run("rollback_resumed#1", *BASE, *POISON, "stop_at_step=12", "checkpoint.keep_last=5")
-    run("rollback_resumed#2", *BASE, *POISON, "checkpoint.keep_last=5")
-    run("skip", *BASE, *POISON, "engine.nonfinite=skip", "optim.max_steps=11", "checkpoint.every_steps=10",
-        "checkpoint.keep_last=5")
-    run("skip_z2", *BASE, *POISON, "engine.nonfinite=skip", "engine.zero_stage=2", "optim.max_steps=11",
-        "checkpoint.every_steps=10", "checkpoint.keep_last=5")
-    run("stop", *BASE, *POISON, "engine.nonfinite=stop")
-    # The issue: lr 1e6 diverges; with keep_last=2 main saved non-finite weights and pruned the finite ones.
-    run("huge_lr", "optim.lr=1000000.0", "checkpoint.every_steps=2", "engine.max_rollbacks=2")
+    skip = ["engine.nonfinite=skip", "optim.max_steps=11", "checkpoint.every_steps=10", "checkpoint.keep_last=5"]
+    run("rollback", *BASE)
+    run("rollback_resumed#1", *BASE, "stop_at_step=12", "checkpoint.keep_last=5")
+    run("rollback_resumed#2", *BASE, "checkpoint.keep_last=5", poison=None)  # the NaN was in the rolled-back window
+    run("skip", *BASE, *skip)
+    run("skip_z2", *BASE, *skip, "engine.zero_stage=2")
+    # A finite loss with non-finite gradients: at ZeRO >= 1 they are in partitions no single rank sees whole.
+    run("skip_grads", *BASE, *skip, poison="grads")
+    run("skip_grads_z1", *BASE, *skip, "engine.zero_stage=1", poison="grads")
+    # A NaN input also reaches BatchNorm's running statistics, which the dropped step must not keep.
+    run("skip_input", *BASE, *skip, poison="input")
+    run("stop", *BASE, "engine.nonfinite=stop")
+    # lr 1e6 diverges: non-finite weights must never be saved, nor the finite checkpoints pruned for them.
+    run("huge_lr", "optim.lr=1000000.0", "checkpoint.every_steps=2", "engine.max_rollbacks=2", poison=None)
     save_results(out, rank, results)
 
 
@@ -69,11 +75,6 @@ def _all_finite(run_dir: Path) -> list[str]:
         for k, v in consolidated_state_dict(step_dir).items():
             assert v.isfinite().all(), f"{step_dir.name}: {k} is not finite"
     return [d.name for d in steps]
-
-
-def _params(step_dir: Path) -> dict[str, torch.Tensor]:
-    sd = consolidated_state_dict(step_dir)
-    return {k: v for k, v in sd.items() if "running" not in k and "num_batches" not in k}
 
 
 def test_rollback_recomputes_from_the_last_checkpoint_and_finishes(runs):
@@ -106,13 +107,14 @@ def test_resume_after_a_rollback_continues_identically(runs):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("run", ["skip", "skip_z2"])
+@pytest.mark.parametrize("run", ["skip", "skip_z2", "skip_grads", "skip_grads_z1", "skip_input"])
 def test_skip_drops_the_update_and_counts_it(runs, run):
     out, results = runs
-    assert results[1][run]["result"]["step"] == 11
+    assert results[1][run].get("result", {}).get("step") == 11, results[1][run]
     root = out / run / "checkpoints"
-    before, after = _params(root / "step_00000010"), _params(root / "step_00000011")
-    for k in before:  # step 11 (rank 1's NaN) changed no weight on any rank
+    before = consolidated_state_dict(root / "step_00000010")
+    after = consolidated_state_dict(root / "step_00000011")
+    for k in before:  # step 11 (rank 1's NaN) changed no weight and no BatchNorm statistic on any rank
         assert torch.equal(before[k], after[k]), k
     meta = read_meta(root / "step_00000011")
     assert (meta["nonfinite_steps"], meta["rollbacks"], meta["epoch_step"]) == (1, 0, 11)

@@ -6,6 +6,7 @@ thread, like `OMP_NUM_THREADS=1 torchrun --nproc_per_node N`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,46 @@ import torch.multiprocessing as mp
 from trainer.config import TrainConfig, apply_overrides
 from trainer.distributed import free_port
 from trainer.recipes import get_recipe
+
+
+@contextlib.contextmanager
+def poisoned_forward(n: int, how: str = "loss"):
+    """Fault injection for tests, outside the product: the `n`-th training forward of the network in this
+    process (from 1, counted over the whole run, once) gets a NaN. how="loss": its output, so the loss and
+    every gradient; "grads": only the gradient flowing back into its output (the loss stays finite);
+    "input": its input, so BatchNorm's running statistics too."""
+    from models import SpikingResNet
+
+    seen = {"forwards": 0, "poisoned": 0}
+
+    def due(module) -> bool:
+        return (isinstance(module, SpikingResNet) and torch.is_grad_enabled() and seen["forwards"] == n
+                and not seen["poisoned"])
+
+    def before(module, args):
+        if isinstance(module, SpikingResNet) and torch.is_grad_enabled():
+            seen["forwards"] += 1
+            if how == "input" and due(module):
+                seen["poisoned"] += 1
+                return (args[0] * float("nan"), *args[1:])
+        return None
+
+    def after(module, args, output):
+        if how == "input" or not due(module):
+            return None
+        seen["poisoned"] += 1
+        if how == "loss":
+            return output * float("nan")
+        output.register_hook(lambda grad: grad * float("nan"))
+        return None
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(before),
+               torch.nn.modules.module.register_module_forward_hook(after)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def digits_shards(tmp_path_factory) -> Path:
