@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,13 @@ def test_huge_lr_never_writes_non_finite_weights_and_stops(runs):
     # Two rollbacks, then the stop; each event keeps its own point (steps increase though the run went back).
     assert [e[1:] for e in events] == [(1, 1), (2, 2), (2, 3)], events
     assert [e[0] for e in events] == sorted({e[0] for e in events}), events
+
+
+def test_the_guard_uses_no_private_deepspeed_state():
+    """Only DeepSpeed's public API (was_step_applied, safe_set_full_grad): private attributes of the engine or
+    its ZeRO optimizer change between releases without notice, and patching them changes DeepSpeed for the
+    whole process."""
+    root = Path(__file__).resolve().parents[1] / "trainer"
+    found = [f"{f.name}: {m.group(0)}" for f in (root / "health.py", root / "trainer.py")
+             for m in re.finditer(r"\b(engine|optimizer|zero)\._[a-z]\w*", f.read_text())]
+    assert not found, found

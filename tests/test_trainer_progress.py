@@ -46,3 +46,35 @@ def test_ui_links_open_the_model_training_view():
                      "run": "http://mlflow.example:5000/#/experiments/7/runs/abc"}
     # a database store has no server: the links assume `mlflow ui` on its default address
     assert ui_links("sqlite:///runs/mlflow.db", "1")["runs"].startswith("http://127.0.0.1:5000/#/experiments/1/")
+
+
+def test_a_health_event_after_a_resume_is_kept_by_both_sinks(tmp_path):
+    """A run logged its health counters up to step 16 and is resumed from its step-12 checkpoint; a rollback
+    at recomputed step 13 goes in after everything the run already logged for those keys (step 17) in
+    metrics.jsonl and in MLflow (a real sqlite store), instead of being dropped as a repeat of step 13."""
+    import mlflow
+
+    from trainer.batch_setting import batch_setting
+    from trainer.config import apply_overrides
+    from trainer.recipes import get_recipe
+    from trainer.run_record import RunRecord
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = get_recipe("digits_tiny")
+    apply_overrides(cfg, [f"run_dir={tmp_path / 'run'}", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}",
+                          "mlflow.experiment=events", "mlflow.system_metrics=false"])
+    run = dict(world=1, device="cpu", batch=batch_setting(cfg.optim, cfg.data.batch_size, 1, None), ds_config={},
+               steps_per_epoch=42, total_steps=100)
+    first = RunRecord(cfg, 0, run, None, None)
+    for step in range(1, 17):
+        first.log({"train/loss": 1.0, "health/rollbacks": 0}, step)
+    first.event({"health/rollbacks": 1}, 11)  # at a step already logged: it goes in just after the newest
+    first.close("KILLED")
+    resumed = RunRecord(cfg, 0, run, tmp_path / "run" / "checkpoints" / "step_00000012", first.run_id)
+    resumed.event({"health/rollbacks": 2}, 13)
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = [(r["step"], r["health/rollbacks"]) for r in rows if r["health/rollbacks"] > 0]
+    assert events == [(17, 1), (18, 2)], events
+    history = mlflow.MlflowClient(uri).get_metric_history(first.run_id, "health/rollbacks")
+    assert [(m.step, m.value) for m in history if m.value > 0] == [(17, 1.0), (18, 2.0)]

@@ -99,11 +99,6 @@ class EngineConfig:
     that optimizer step (no update) and counts it; 'stop' exits with an error at once."""
     max_rollbacks: int = 3
     """rollback: after this many rollbacks in one run the next non-finite step stops it with an error."""
-    nan_at_batches: list[int] = field(default_factory=list)
-    """Fault injection (tests): the loss is NaN on the optimizer steps that read these data positions
-    (epoch * steps_per_epoch + step within the epoch, from 0). Empty in real runs."""
-    nan_rank: int = -1
-    """Fault injection: the rank whose loss `nan_at_batches` poisons; -1 every rank."""
 
     def __post_init__(self):
         if self.nonfinite not in ("rollback", "skip", "stop"):

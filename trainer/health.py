@@ -1,10 +1,13 @@
 """Non-finite losses, gradients and weights: found collectively, so that every rank acts the same way.
 
-Each rank keeps a device flag per step (a NaN or inf loss in any micro-batch; non-finite gradients where
-the rank holds them) and the flags of all ranks are combined by one all-reduce per optimizer step, before
-DeepSpeed applies the update. Weights are checked (once, collectively) before every checkpoint save, so a
-checkpoint on disk is always finite. `NonFiniteGuard` makes both checks and returns a `Verdict` from
-`engine.nonfinite`: go on, skip the step, stop, or roll back to a checkpoint; the trainer acts on it.
+Each rank keeps a device flag per step (a NaN or inf loss in any micro-batch; at ZeRO 0, non-finite gradients)
+and the flags of all ranks are combined by one all-reduce per optimizer step, before DeepSpeed applies the
+update. At ZeRO >= 1 the gradients live in partitions, each rank holding a slice of the reduced ones: there
+DeepSpeed's own check, the global gradient norm it computes over every partition before each update (a
+non-finite norm drops the step), finds them, and the guard reads its outcome (`engine.was_step_applied()`).
+Weights are checked (once, collectively) before every checkpoint save, so a checkpoint on disk is always
+finite. `NonFiniteGuard` makes both checks and returns a `Verdict` from `engine.nonfinite`: go on, skip the
+step, stop, or roll back to a checkpoint; the trainer acts on it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_set_full_grad
 
 POLICIES = ("rollback", "skip", "stop")
 GO, SKIP, STOP, ROLLBACK = "go", "skip", "stop", "rollback"
@@ -71,20 +75,28 @@ class NonFiniteGuard:
 
     def __init__(self, engine_cfg, engine, device: torch.device, state, newest: Callable[[], Path | None]):
         self.cfg, self.engine, self.device, self.state, self.newest = engine_cfg, engine, device, state, newest
+        self._buffers: list[torch.Tensor] = []
+
+    def begin_step(self) -> None:
+        """Before a step's first forward: under engine.nonfinite=skip, keep the module's buffers (BatchNorm's
+        running statistics), which the forward passes update before anything is known, so that a dropped
+        step leaves no trace in them (a NaN input would make them NaN and fail the next save)."""
+        if self.cfg.nonfinite == SKIP:
+            self._buffers = [b.detach().clone() for b in self.engine.module.buffers()]
 
     def step(self, bad_loss: torch.Tensor) -> Verdict:
         """The accumulation boundary: find (collectively) whether this step is finite, then let DeepSpeed
         apply it, or make it a step without update and return what engine.nonfinite says."""
         engine, zero = self.engine, self.cfg.zero_stage
         # fp16's loss scaler expects and handles overflowing gradients itself; only its loss counts here.
-        check_grads = self.cfg.precision != "fp16"
+        check_grads = self.cfg.precision != "fp16" and zero == 0
         grads_ok = grads_finite(engine.module.parameters(), self.device) if check_grads else bad_loss == 0
         loss_ranks, grad_ranks = ranks_flagged(torch.stack([bad_loss, (~grads_ok).float()]))
         bad = bool(loss_ranks or grad_ranks)
         if not bad:
             engine.step()
-            if zero > 0 and check_grads and not engine._step_applied:
-                # ZeRO's own norm check (fp32) dropped it: gradients this rank could not see were non-finite.
+            if zero > 0 and self.cfg.precision != "fp16" and not engine.was_step_applied():
+                # DeepSpeed's norm over every partition was not finite: gradients no single rank saw whole.
                 bad, grad_ranks = True, list(range(dist.get_world_size()))
         elif zero == 0:
             # SGD leaves parameters without a gradient untouched (no momentum or weight decay either), and
@@ -93,13 +105,15 @@ class NonFiniteGuard:
                 param.grad = None
             engine.step()
         else:
-            self._zero_step_as_overflow()
-            if engine._step_applied:
-                raise RuntimeError("DeepSpeed applied an optimizer step that was found non-finite")
+            self._drop_zero_step()
         if not bad:
             return Verdict(GO)
-        if not engine._step_applied and engine.lr_scheduler is not None:
+        if not engine.was_step_applied() and engine.lr_scheduler is not None:
             engine.lr_scheduler.step()  # a dropped step still counts in the schedule, as at ZeRO-0
+        if self._buffers:
+            with torch.no_grad():
+                for buffer, kept in zip(engine.module.buffers(), self._buffers):
+                    buffer.copy_(kept)
         what = "loss" if loss_ranks else "gradients"
         return self._verdict(f"non-finite {what} on rank(s) {loss_ranks or grad_ranks} at step {self.state.step + 1}")
 
@@ -131,16 +145,14 @@ class NonFiniteGuard:
                                        f"checkpoint ({newest or 'none'}) is finite.")
         return Verdict(ROLLBACK, what, target=newest)
 
-    def _zero_step_as_overflow(self) -> None:
-        """ZeRO >= 1 holds the gradients in its partitions: take its own overflow path for this step (free
-        the gradients, no update), as it does for an fp16 overflow. Its check would not fire for fp32 and
-        bf16, so it is made to report one; every rank gets here together (the decision was collective)."""
-        zero = self.engine.optimizer
-        was = zero.check_grad_overflow
-        zero.check_grad_overflow = True
-        zero.check_overflow = lambda partition_gradients=True: setattr(zero, "overflow", True)
-        try:
-            self.engine.step()
-        finally:
-            del zero.check_overflow
-            zero.check_grad_overflow = was
+    def _drop_zero_step(self) -> None:
+        """ZeRO >= 1 holds the gradients in its partitions: the step goes through DeepSpeed's own path for a
+        non-finite gradient norm (no update, gradients freed, counters and boundaries kept). The partitions
+        are marked non-finite through DeepSpeed's public gradient API, each rank writing the slices it holds;
+        every rank gets here together (the decision was collective)."""
+        for param in self.engine.module.parameters():
+            if param.requires_grad:
+                safe_set_full_grad(param, torch.full_like(param, float("nan"), dtype=torch.float32))
+        self.engine.step()
+        if self.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied an optimizer step that was found non-finite")

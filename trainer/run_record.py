@@ -92,6 +92,9 @@ def eval_line(step: int, total: int, steps_per_epoch: int, metrics: dict[str, fl
             f"best {100 * best_top1:.1f} %")
 
 
+HEALTH = "health/"
+
+
 class MetricsFile:
     """Append-only JSON lines, one per logging call, each written whole and flushed. Like the MLflow logger
     it writes a (key, step) once: a resumed run recomputes the steps after its checkpoint, and those
@@ -109,6 +112,10 @@ class MetricsFile:
                 continue
             for key in row.keys() - {"step"}:
                 self._last_step[key] = max(row["step"], self._last_step.get(key, -1))
+
+    def newest_step(self, prefix: str) -> int:
+        """The newest step written for any key starting with `prefix`; -1 if none."""
+        return max((step for key, step in self._last_step.items() if key.startswith(prefix)), default=-1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         new = {k: v for k, v in metrics.items() if step > self._last_step.get(k, -1)}
@@ -130,12 +137,13 @@ class RunRecord:
         steps_per_epoch, total_steps)."""
         self.cfg, self.run_dir, self.on = cfg, cfg.resolved_run_dir(), rank == 0
         self.total, self.steps_per_epoch = run["total_steps"], run["steps_per_epoch"]
-        self.logger, self.metrics_file, self._event_step = None, None, -1
+        self.logger, self.metrics_file, self._health_step = None, None, -1
         if not self.on:
             return
         if resumed_from is None:  # a fresh start's steps are not those of an earlier attempt
             set_aside(self.run_dir / "metrics.jsonl")
         self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
+        self._health_step = self.metrics_file.newest_step(HEALTH)
         self._write_files(run["ds_config"], run["batch"])
         if cfg.mlflow.enabled:
             self._start_mlflow(run, resumed_from, mlflow_run_id)
@@ -174,12 +182,14 @@ class RunRecord:
             self.logger.log_metrics(metrics, step)
         if self.metrics_file:
             self.metrics_file.write(step, metrics)
+        if any(key.startswith(HEALTH) for key in metrics):
+            self._health_step = max(self._health_step, step)
 
     def event(self, metrics: dict[str, float], step: int) -> None:
-        """A health event at `step`, or just after the previous event's step: after a rollback the same step
-        can fail again, and metrics keep one value per key and step (MLflow and metrics.jsonl alike)."""
-        self._event_step = max(step, self._event_step + 1)
-        self.log(metrics, self._event_step)
+        """A health event at `step`, or just after the newest step the run holds health counters for: metrics
+        keep one value per key and step (MLflow and metrics.jsonl alike), and after a rollback the same step
+        can fail again, as a resumed run's recomputed steps can fail where the earlier attempt logged."""
+        self.log(metrics, max(step, self._health_step + 1))
 
     def say(self, text: str) -> None:
         """One line for people, printed by rank 0 above a terminal's progress bar."""

@@ -146,10 +146,9 @@ class Trainer:
         cfg, s = self.cfg, self.state
         t0 = time.perf_counter()
         logging = (s.step + 1) % cfg.log_every == 0 or s.step + 1 == self.end
-        poisoned = (s.epoch * self.steps_per_epoch + s.epoch_step in cfg.engine.nan_at_batches
-                    and cfg.engine.nan_rank in (-1, self.rank))
         bad_loss = torch.zeros((), device=self.device)
         seen = []
+        self.guard.begin_step()
         for done, (x, y) in enumerate(micro_batches, 1):
             x, y = self.train_loader.to_model(x, y, self.device, self.input_dtype)
             with self.grad_norms if logging and done == self.accum else nullcontext():
@@ -158,8 +157,6 @@ class Trainer:
                 # Label -1 marks a sample the loader could not decode (logged and counted there).
                 loss = (F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing,
                                         ignore_index=-1) if (y >= 0).any() else logits.float().sum() * 0.0)
-                if poisoned:
-                    loss = loss * float("nan")  # NaN gradients too, as a real divergence has
                 self.engine.backward(loss)
             bad_loss += ~loss.detach().isfinite()
             seen.append((loss.detach(), logits.detach(), y))
