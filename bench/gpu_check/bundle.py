@@ -40,8 +40,9 @@ PREINSTALLED = ("torch", "triton", "torchvision", "numpy", "numba", "cupy-cuda13
 # What the stages import beyond that: DeepSpeed's dependencies (DeepSpeed itself is built here), the data
 # path's, SpikingJelly's LIF (bench.lif, tests) and MLflow's client.
 RESOLVED = ("hjson", "pydantic", "einops", "py-cpuinfo", "ninja", "packaging", "webdataset", "wids",
-            "simplejpeg", "mlflow-skinny")
-NO_DEPS = ("spikingjelly",)  # it requires a second torch, torchaudio, tensorboard...: its LIF needs none
+            "simplejpeg", "loguru", "mlflow-skinny")
+# SpikingJelly requires torchaudio, tensorboard, scipy, h5py...; its LIF needs only loguru (above).
+NO_DEPS = ("spikingjelly",)
 MAX_MIB = 60
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_5_x86_64", "linux_x86_64")
