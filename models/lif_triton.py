@@ -6,6 +6,9 @@ fp_fusion is off (a fused multiply-add in u * decay + x would round once where t
 twice), and the constants are loaded from a tensor in the accumulation dtype (a Python float argument
 would be an fp32 scalar, wrong for float64 inputs).
 
+Arguments are checked by the op's C++ check (torch.ops.deepspike.lif_check), and tensors of any dense layout are
+read in place, as on the CPU (models/lif_op.py).
+
 Tested on the CPU under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
 """
 
@@ -49,7 +52,7 @@ def _first_step_offsets(M, inner, T, BLOCK: tl.constexpr, OUTER: tl.constexpr):
     (the layout of models/csrc/lif_cpu.cpp's TimeLayout: dims inside the time dim give `inner` consecutive
     elements, dims outside it repeat [T, inner] blocks)."""
     m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    offs = (m // inner) * (T * inner) + m % inner if OUTER else m
+    offs = (m // inner) * T * inner + m % inner if OUTER else m  # (int64 throughout: m is)
     return offs, m < M
 
 
