@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# Prebuild DeepSpeed's shm comm op so no rank JIT-compiles it at start-up.
 	DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install -q --no-build-isolation -c constraints.txt deepspeed
 	# compat mode puts the checkout on sys.path, so packages added later need no reinstall.
-	$(PIP) install -q -c constraints.txt -e ".[ffcv,dev,peers,decoders]" --config-settings editable_mode=compat
+	$(PIP) install -q -c constraints.txt -e ".[ffcv,dev,peers,decoders,s3]" --config-settings editable_mode=compat
 	$(PIP) install -q --no-deps spikingjelly==2.0.0
-	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv, spikingjelly; print('stack ok', torch.__version__)"
+	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv, spikingjelly, s3fs, moto; print('stack ok', torch.__version__)"
 	touch $(STAMP)
 
 $(OPS): models/csrc/lif_cpu.cpp dataloaders/csrc/jpeg_window.c models/csrc/build.py $(STAMP)
