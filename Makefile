@@ -17,7 +17,7 @@ APT_TEST := postgresql chromium fonts-dejavu-core
 # TRAINING_ONLY=1 (the training image): training's apt packages and pip extras, no test or benchmark tools.
 APT_PKGS := $(APT_TRAIN) $(if $(TRAINING_ONLY),,$(APT_TEST))
 TEST_EXTRAS := ,dev,peers,decoders
-EXTRAS := ffcv$(if $(TRAINING_ONLY),,$(TEST_EXTRAS))
+EXTRAS := ffcv,s3$(if $(TRAINING_ONLY),,$(TEST_EXTRAS))
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 .PHONY: demo test lint bench clean-venv
@@ -33,7 +33,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# compat mode puts the checkout on sys.path, so packages added later need no reinstall.
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]" --config-settings editable_mode=compat
 	$(if $(TRAINING_ONLY),,$(PIP) install -q --no-deps spikingjelly==2.0.0)
-	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv; print('stack ok', torch.__version__)"
+	$(PY) -c "import torch, torchvision, deepspeed, ray, mlflow, webdataset, ffcv, s3fs; print('stack ok', torch.__version__)"
+	$(if $(TRAINING_ONLY),,$(PY) -c "import spikingjelly, moto")
 	touch $(STAMP)
 
 $(OPS): models/csrc/lif_cpu.cpp dataloaders/csrc/jpeg_window.c models/csrc/build.py $(STAMP)

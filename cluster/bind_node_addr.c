@@ -13,6 +13,10 @@
  * A DEEPSPIKE_NODE_ADDR that is set but is not an IPv4 address fails closed: the binds the shim would move
  * fail with EADDRNOTAVAIL (reported once on stderr) instead of listening on every interface. Unset, the shim
  * is not configured for the process and changes nothing.
+ *
+ * One client does connect to 127.0.0.1: the GCS and every raylet reach their node's metrics agent at
+ * 127.0.0.1:DEEPSPIKE_METRICS_AGENT_PORT (hard-coded in Ray), and would log "Failed to establish connection
+ * to the metrics exporter agent" for ever. connect() to exactly that address goes to the node's instead.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -123,4 +127,32 @@ int bind(int fd, const struct sockaddr *addr, socklen_t len) {
         return rc;
     }
     return real_bind(fd, addr, len);
+}
+
+typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
+
+int connect(int fd, const struct sockaddr *addr, socklen_t len) {
+    static connect_fn real_connect;
+    if (!real_connect) real_connect = (connect_fn)dlsym(RTLD_NEXT, "connect");
+    const char *node = getenv("DEEPSPIKE_NODE_ADDR"), *agent = getenv("DEEPSPIKE_METRICS_AGENT_PORT");
+    struct in_addr ip;
+    if (!node || !agent || !addr || inet_pton(AF_INET, node, &ip) != 1) return real_connect(fd, addr, len);
+    in_port_t port = htons((in_port_t)atoi(agent));
+    in_addr_t loopback1 = htonl(INADDR_LOOPBACK);
+    if (addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        struct sockaddr_in a;
+        memcpy(&a, addr, sizeof a);
+        if (a.sin_addr.s_addr == loopback1 && a.sin_port == port) {
+            a.sin_addr = ip;
+            return real_connect(fd, (struct sockaddr *)&a, sizeof a);
+        }
+    } else if (addr->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        struct sockaddr_in6 a;
+        memcpy(&a, addr, sizeof a);
+        if (is_mapped(&a.sin6_addr, loopback1) && a.sin6_port == port) {
+            memcpy(a.sin6_addr.s6_addr + 12, &ip, 4);
+            return real_connect(fd, (struct sockaddr *)&a, sizeof a);
+        }
+    }
+    return real_connect(fd, addr, len);
 }

@@ -22,7 +22,8 @@ Locked down (docs/cluster_security.md): every process of a node listens on that 
 (cluster/bind_node_addr.c, preloaded into each node, moves Ray's wildcard and 127.0.0.1 listeners there),
 Ray's token authentication is on with a fresh token in DIR/auth_token (mode 0600), and every port is picked
 free on its node's address at `up` and recorded in DIR/state.json, so clusters with different --host run
-side by side. MLflow listens on the head's address; it has no authentication: any local user can use it.
+side by side. MLflow listens on the head's address and lets browsers in from there (its allowed origins);
+it has no authentication: any local user can use it.
 """
 
 from __future__ import annotations
@@ -183,7 +184,11 @@ class LocalCluster:
         env = dict(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
                    RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                    MLFLOW_TRACKING_URI=mlflow_uri, DEEPSPIKE_STORAGE=str(self.dir / "storage"),
-                   LD_PRELOAD=str(shim))
+                   LD_PRELOAD=str(shim),
+                   # Ray Train's preemption watcher follows node drains (spot reclaims), which never happen
+                   # here; on every run it logs a level-E line (Ray issue 53727: its constructor arguments
+                   # are in the object store) that users read as a failure.
+                   RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
         st = {"dir": str(self.dir), "workers": workers, "ips": ips, "ray_tmp": ray_tmp,
               "ray_address": f"{head}:{ports['head']['port']}",
               "dashboard": f"http://{head}:{ports['head']['dashboard-port']}", "mlflow": mlflow_uri,
@@ -199,6 +204,9 @@ class LocalCluster:
                                  dict(env, DEEPSPIKE_NODE_ADDR=head, MLFLOW_HOST=head,
                                       MLFLOW_PORT=str(ports["mlflow"]["mlflow"]),
                                       MLFLOW_ALLOWED_HOSTS=f"{head}:{ports['mlflow']['mlflow']}",
+                                      # The UI's page is served from this address: its own POST requests
+                                      # are cross-origin to MLflow 3 unless the origin is localhost.
+                                      MLFLOW_CORS_ALLOWED_ORIGINS=mlflow_uri,
                                       MLFLOW_BACKEND=mlflow_backend, PG_HOST=head,
                                       PG_PORT=str(ports["mlflow"]["postgres"])))
             for i, ip in enumerate(ips):
@@ -212,7 +220,10 @@ class LocalCluster:
                     # One log monitor per host: the nodes share the session's log folder.
                     argv += [f"--address={st['ray_address']}", f"--num-cpus={cpus_per_node}",
                              "--include-log-monitor=false"]
-                self._start_node(st, name, argv, dict(env, DEEPSPIKE_NODE_ADDR=ip))
+                # The shim sends the GCS's and raylet's connections to their metrics agent at 127.0.0.1 to
+                # the node's address, where the agent listens.
+                self._start_node(st, name, argv, dict(env, DEEPSPIKE_NODE_ADDR=ip, DEEPSPIKE_METRICS_AGENT_PORT=str(
+                    ports[name]["dashboard-agent-grpc-port"])))
             _wait("MLflow server", lambda: _get(st["mlflow"] + "/health") == b"OK", mlflow, mlflow_log)
             _wait(f"{workers + 1} Ray nodes", lambda: self._alive_nodes(st) == workers + 1, None,
                   self.dir / "head.log")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -39,7 +40,7 @@ from trainer.config import TrainConfig, apply_overrides, from_dict, to_dict
 from trainer.deepspeed_config import deepspeed_config
 from trainer.distributed import process_group_backend
 from trainer.recipes import get_recipe
-from trainer.run_record import local_store_uri
+from trainer.run_record import git_commit, local_store_uri
 from trainer.set_aside import set_aside
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +237,7 @@ def train_loop(loop_config: dict) -> None:
     cfg = from_dict(TrainConfig, loop_config["cfg"])
     register = loop_config["register_checkpoints"] and ray.train.get_context().get_world_rank() == 0
     os.environ["DEEPSPIKE_ENTRY_POINT"] = loop_config["entry_point"]  # the run's mlflow.source.name
+    os.environ["DEEPSPIKE_GIT_COMMIT"] = loop_config["git_commit"]  # and its mlflow.source.git.commit
 
     def report(metrics: dict, ckpt_dir: str) -> None:
         # Every rank reports (it is a barrier); rank 0 alone registers the step directory all ranks wrote.
@@ -287,7 +289,7 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "register_checkpoints": not is_remote(args.storage),
-                           "entry_point": " ".join(["python", *sys.argv])},
+                           "entry_point": " ".join(["python", *sys.argv]), "git_commit": git_commit()},
         scaling_config=scaling,
         torch_config=TorchConfig(backend=process_group_backend(scaling.use_gpu, cfg.engine.backend)),
         run_config=RunConfig(name=cfg.run_name, storage_path=args.storage,
@@ -297,6 +299,11 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     NodeWatch(scaling, cfg.run_name).start()
+    if cfg.mlflow.enabled:
+        import mlflow  # now: importing it takes seconds, and a stopped job has 3 in all
+
+        client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+        signal.signal(signal.SIGTERM, lambda signum, _: stopped(client, cfg, signum))
     result = trainer.fit()
     m = result.metrics or {}
     step_dir = json.loads((Path(result.checkpoint.path) / REF_FILE).read_text())["step_dir"] \
@@ -311,6 +318,31 @@ def launch(args: argparse.Namespace, datasets: tuple[str, ...]) -> ray.train.Res
     return result
 
 
+def stopped(client, cfg: TrainConfig, signum: int) -> None:
+    """`ray job stop`: Ray sends the driver SIGTERM and SIGKILL 3 s later, and the workers die with it before
+    the trainer can end its MLflow run, which would show RUNNING for ever. The driver marks it KILLED (what
+    MLflow shows for a stopped run) and exits; resubmitting the run name resumes that same run."""
+    print("[launch] stop requested", flush=True)
+    # Within the 3 s: one attempt per request, no retries.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "0", "2"
+    try:
+        _, run = newest_run(client, cfg.mlflow.experiment or cfg.recipe, cfg.run_name)
+        if run is not None and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+            print(f"[launch] stopped: MLflow run {run.info.run_id} marked KILLED", flush=True)
+    except Exception as e:  # the job is being stopped either way; say why the status stays as it was
+        print(f"[launch] stopped; MLflow status not updated ({type(e).__name__}: {str(e)[:200]})", flush=True)
+    sys.exit(128 + signum)
+
+
+def newest_run(client, experiment: str, run_name: str) -> tuple:
+    """(experiment, its newest run of that name), each None where there is none."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    return exp, (runs[0] if runs else None)
+
+
 def run_links(tracking_uri: str, experiment: str, run_name: str) -> dict[str, str] | None:
     """`ui_links` of the newest run of that name, or None when the store cannot say (no link beats a wrong one)."""
     import mlflow
@@ -318,14 +350,11 @@ def run_links(tracking_uri: str, experiment: str, run_name: str) -> dict[str, st
     from trainer.mlflow_logger import ui_links
 
     try:
-        client = mlflow.MlflowClient(tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+        exp, run = newest_run(mlflow.MlflowClient(tracking_uri), experiment, run_name)
     except Exception as e:  # the job itself succeeded; an unreachable tracking server must not fail it
         print(f"[launch] MLflow links unavailable ({type(e).__name__}: {str(e)[:200]})", flush=True)
         return None
-    return ui_links(tracking_uri, exp.experiment_id, runs[0].info.run_id) if runs else None
+    return ui_links(tracking_uri, exp.experiment_id, run.info.run_id) if run else None
 
 
 def main(default_recipe: str, datasets: tuple[str, ...], argv: list[str] | None = None) -> None:

@@ -50,10 +50,26 @@ def main() -> None:
     state = json.loads((ROOT / "runs/cluster/state.json").read_text())
 
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    log_path = ROOT / "runs/demo" / f"{name}.log"
+    done, log_path = submit(state, name)
+    if done is None:
+        print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        sys.exit(f"the job failed; full log: {log_path}")
+
+    top1 = float(re.search(r"test top-1 ([0-9.]+)", done).group(1))
+    step(f"test accuracy of {name}: {100 * top1:.1f} %  ({time.monotonic() - t0:.0f} s in all)")
+    show_runs(state["mlflow"], "digits_demo")
+    print("\nThe cluster and MLflow keep running for the next run; stop them with: cluster/local.sh down",
+          flush=True)
+
+
+def submit(state: dict, name: str, *extra: str, log_dir: Path = ROOT / "runs/demo") -> tuple[str | None, Path]:
+    """`ray job submit -- python launch/cifar10.py ... --run-name NAME [EXTRA...]` on the cluster of
+    `state`, printing the job's progress lines; returns its `[launch] done:` line (None when it failed) and
+    the path of its full log, LOG_DIR/NAME.log."""
+    log_path = log_dir / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [str(BIN / "ray"), "job", "submit", "--", "python", "launch/cifar10.py", "--nodes", "2",
-           "--recipe", "digits_demo", "--data", str(DATA.relative_to(ROOT)), "--run-name", name]
+           "--recipe", "digits_demo", "--data", str(DATA.relative_to(ROOT)), "--run-name", name, *extra]
     step("ray job submit -- " + " ".join(cmd[cmd.index("--") + 1:]))
     env = dict(os.environ, **client_env(state))  # the addresses and the cluster's auth token
     done = None
@@ -69,15 +85,7 @@ def main() -> None:
                 print("  " + text, flush=True)
             if text.startswith("[launch] done:"):
                 done = text
-    if job.returncode != 0 or done is None:
-        print("".join(log_path.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
-        sys.exit(f"the job failed (exit code {job.returncode}); full log: {log_path}")
-
-    top1 = float(re.search(r"test top-1 ([0-9.]+)", done).group(1))
-    step(f"test accuracy of {name}: {100 * top1:.1f} %  ({time.monotonic() - t0:.0f} s in all)")
-    show_runs(state["mlflow"], "digits_demo")
-    print("\nThe cluster and MLflow keep running for the next run; stop them with: cluster/local.sh down",
-          flush=True)
+    return (done if job.returncode == 0 else None), log_path
 
 
 def show_runs(uri: str, experiment: str) -> None:

@@ -1,13 +1,19 @@
-"""A real local cluster (cluster/local.sh) for a test module, and what its processes listen on."""
+"""A real local cluster (cluster/local.sh) for a test module, what its processes listen on, and headless
+Chromium for the pages it serves."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -39,6 +45,22 @@ def local_cluster(cluster_dir: Path, *args: str, workers: int = 2):
         shutil.rmtree(state["ray_tmp"], ignore_errors=True)  # Ray's session files and logs
 
 
+@contextlib.contextmanager
+def job_cluster(base: Path, *args: str):
+    """A `local_cluster(BASE/cluster, ARGS...)` with digits shards and run storage beside it, as the jobs'
+    client (tests.test_launch_ray.Cluster); every job's log is kept in BASE for a failure's post-mortem."""
+    from tests.test_launch_ray import Cluster
+
+    data = digits_wds(base / "digits16")
+    with local_cluster(base / "cluster", *args) as state:
+        c = Cluster(state, data, base / "storage")
+        try:
+            yield c
+        finally:
+            for job in c.client.list_jobs():
+                (base / f"{job.submission_id}.log").write_text(c.logs(job.submission_id))
+
+
 def node_address(state: dict, group: str) -> str:
     """The address a recorded process group belongs to: MLflow runs on the head's."""
     return state["ips"][int(group.removeprefix("worker"))] if group.startswith("worker") else state["ips"][0]
@@ -63,3 +85,87 @@ def listeners(state: dict) -> list[tuple[str, str, str, int]]:
                     if c.status == psutil.CONN_LISTEN or (c.status == psutil.CONN_NONE and c.laddr):
                         found.append((group, name, c.laddr.ip.removeprefix("::ffff:"), c.laddr.port))
     return found
+
+
+def chromium(url: str, *, screenshot: Path | None = None, height: int = 1000) -> str:
+    """The DOM of `url` after its scripts ran, as headless Chromium renders it in a window 1600 pixels wide
+    and `height` high (a fresh profile, nothing fetched besides the page); with `screenshot`, a PNG of the
+    window is written there too. Pages render only what is in view: a tall window shows all of a long page."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "chromium is installed by the Makefile (apt package 'chromium')"
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=30000",
+                 f"--window-size=1600,{height}"]
+        proc = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        if screenshot is not None:
+            shot = subprocess.run([*flags, f"--screenshot={screenshot}", "--hide-scrollbars", url],
+                                  capture_output=True, text=True, timeout=180)
+            assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-2000:]
+    return proc.stdout
+
+
+def chromium_typed(url: str, field: str, text: str, until: str, screenshot: Path, timeout: float = 120) -> str:
+    """Headless Chromium driven as a person would: open `url`, type `text` into the input whose placeholder
+    is `field`, wait until the page shows `until`, save a 1600x1300 PNG to `screenshot`; returns the page's
+    visible text. (Chromium's DevTools protocol on a loopback port, through aiohttp.)"""
+    import aiohttp
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "chromium is installed by the Makefile (apt package 'chromium')"
+
+    async def drive(ws_url: str) -> str:
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
+            ids = iter(range(1, 10**6))
+
+            async def call(method: str, **params) -> dict:
+                i = next(ids)
+                await ws.send_json({"id": i, "method": method, "params": params})
+                while True:
+                    msg = await ws.receive_json()
+                    if msg.get("id") == i:
+                        assert "error" not in msg, msg
+                        return msg["result"]
+
+            async def page_text() -> str:
+                r = await call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''")
+                return r["result"]["value"]
+
+            async def wait_for(js: str) -> None:
+                end = time.monotonic() + timeout
+                while not (await call("Runtime.evaluate", expression=js))["result"].get("value"):
+                    assert time.monotonic() < end, f"{js} still false; page shows:\n{(await page_text())[-2000:]}"
+                    await asyncio.sleep(0.5)
+
+            await call("Page.navigate", url=url)
+            box = f"document.querySelector('input[placeholder={json.dumps(field)}]')"
+            await wait_for(f"!!{box}")
+            await call("Runtime.evaluate", expression=f"{box}.focus()")
+            await call("Input.insertText", text=text)
+            await wait_for(f"document.body.innerText.includes({json.dumps(until)})")
+            await asyncio.sleep(2)  # the charts draw their lines after their titles
+            png = await call("Page.captureScreenshot", format="png")
+            screenshot.write_bytes(base64.b64decode(png["data"]))
+            return await page_text()
+
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                 "--no-first-run", f"--user-data-dir={profile}", "--window-size=1600,1300",
+                                 "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stderr:
+                if line.startswith("DevTools listening on "):
+                    port = line.split("ws://127.0.0.1:", 1)[1].split("/", 1)[0]
+                    break
+            else:
+                raise AssertionError("chromium exited before its DevTools port opened")
+            pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+            ws_url = next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page")
+            return asyncio.run(drive(ws_url))
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)

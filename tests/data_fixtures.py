@@ -25,6 +25,27 @@ from dataloaders.manifest import sha256_file
 ROUND_TRIP_SIDE = 64
 
 
+def resumed_rest(cfg, rank: int = 1, world: int = 2, after: int = 2) -> dict:
+    """A loader of `cfg` stopped after `after` train batches and one restored from its state yield exactly
+    the uninterrupted epoch's batches; returns that state."""
+    from dataloaders import build_loader
+
+    whole = list(build_loader(cfg, "train", rank, world))
+    first = build_loader(cfg, "train", rank, world)
+    batches = iter(first)
+    for _ in range(after):
+        next(batches)
+    state = first.state_dict()
+    resumed = build_loader(cfg, "train", rank, world)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(whole) - after
+    for (x, y), (x2, y2) in zip(whole[after:], rest):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert resumed.state_dict()["epoch"] == 1
+    return state
+
+
 def _once(base: Path, name: str, build) -> Path:
     out = base / name
     if not (out / ".done").exists():

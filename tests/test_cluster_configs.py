@@ -147,11 +147,22 @@ def allowed_by_mlflow(allowed_hosts: str | None, tracking_uri: str) -> bool:
     return is_allowed_host_header(hosts, urlsplit(tracking_uri).netloc)
 
 
-def test_mlflow_server_takes_its_allowed_hosts_from_the_environment():
+def ui_allowed_by_mlflow(allowed_origins: str | None, page: str) -> bool:
+    """Whether MLflow's server, given MLFLOW_CORS_ALLOWED_ORIGINS (None: its default), answers the UI's POST
+    requests (runs search, logged models) from a page served at this address."""
+    from mlflow.server.security_utils import should_block_cors_request
+
+    origins = [o.strip() for o in allowed_origins.split(",")] if allowed_origins else None
+    return not should_block_cors_request(page, "POST", origins)
+
+
+def test_mlflow_server_takes_its_allowed_hosts_and_origins_from_the_environment():
     script = (CLUSTER / "mlflow/server.sh").read_text()
     assert '${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"}' in script
-    assert "--allowed-hosts" in subprocess.run([sys.executable, "-m", "mlflow", "server", "--help"],
-                                               capture_output=True, text=True, check=True).stdout
+    assert '${MLFLOW_CORS_ALLOWED_ORIGINS:+--cors-allowed-origins "$MLFLOW_CORS_ALLOWED_ORIGINS"}' in script
+    usage = subprocess.run([sys.executable, "-m", "mlflow", "server", "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "--allowed-hosts" in usage and "--cors-allowed-origins" in usage
 
 
 def test_kuberay_mlflow_answers_the_pods_and_keeps_its_password_off_the_command_line(kuberay):
@@ -164,6 +175,14 @@ def test_kuberay_mlflow_answers_the_pods_and_keeps_its_password_off_the_command_
     for client in (uri, "http://mlflow.default.svc.cluster.local:5000", "http://localhost:5000"):
         assert allowed_by_mlflow(allowed, client), client
     assert not allowed_by_mlflow(allowed, "http://evil.example:5000")
+    # The UI through `kubectl port-forward svc/mlflow 5000:5000` (the documented path) and from a browser
+    # inside the cluster; MLflow's default lets only the first in.
+    origins = mlflow_env["MLFLOW_CORS_ALLOWED_ORIGINS"]["value"]
+    for page in ("http://localhost:5000", uri, "http://mlflow.default.svc.cluster.local:5000"):
+        assert ui_allowed_by_mlflow(origins, page), page
+    assert not ui_allowed_by_mlflow(None, uri)
+    assert not ui_allowed_by_mlflow(origins, "http://evil.example:5000")
+    assert "kubectl port-forward svc/mlflow 5000:5000" in (CLUSTER / "kuberay/raycluster.yaml").read_text()
     for name in ("MLFLOW_BACKEND_STORE_URI", "PGPASSWORD"):
         assert mlflow_env[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
     assert not PASSWORD_IN_URI.search(yaml.safe_dump_all(kuberay.values()))
@@ -186,5 +205,14 @@ def test_aws_cluster_has_token_auth_allowed_hosts_and_no_password_on_a_command_l
     [server] = [c for c in cfg["head_start_ray_commands"] if "server.sh run" in c]
     assert "MLFLOW_ALLOWED_HOSTS=$(hostname -I | awk '{print $1}'):5000" in server  # the jobs' URI
     assert "MLFLOW_TRACKING_URI=http://$(hostname -I | awk '{print $1}'):5000" in starts[0]
+    # The UI through `ray attach -p 5000` (the documented path) and at the head's address inside the VPC.
+    # The head's shell expands `hostname -I` to its private address, say 10.0.3.7.
+    head = "http://10.0.3.7:5000"
+    [origins] = re.findall(r"MLFLOW_CORS_ALLOWED_ORIGINS=(\S+)",
+                           server.replace("$(hostname -I | awk '{print $1}')", "10.0.3.7"))
+    for page in ("http://localhost:5000", head):
+        assert ui_allowed_by_mlflow(origins, page), page
+    assert not ui_allowed_by_mlflow(None, head) and not ui_allowed_by_mlflow(origins, "http://10.0.3.8:5000")
+    assert "ray attach cluster/aws.yaml -p 5000" in (CLUSTER / "aws.yaml").read_text()
     assert "PGPASSFILE=" in server
     assert not PASSWORD_IN_URI.search(yaml.safe_dump(cfg))

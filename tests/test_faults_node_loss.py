@@ -23,7 +23,7 @@ from ray.job_submission import JobStatus
 
 from cluster.local import LocalCluster, _alive, kill_groups
 from launch.common import LaunchError, scaling_config, workers_that_fit
-from tests.cluster_fixtures import digits_wds, local_cluster, local_sh
+from tests.cluster_fixtures import job_cluster, local_sh
 from trainer.checkpoint import find_resume_checkpoint, read_meta
 from trainer.recipes import get_recipe
 
@@ -92,17 +92,9 @@ def logged_step(run: Path) -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from tests.test_launch_ray import Cluster
-
     base = tmp_path_factory.mktemp("node_loss")
-    data = digits_wds(base / "digits16")
-    with local_cluster(base / "cluster", *CLUSTER_ARGS) as state:
-        c = Cluster(state, data, base / "storage")
-        try:
-            yield c, local_sh(base / "cluster")
-        finally:
-            for job in c.client.list_jobs():  # kept beside the run for a failure's post-mortem
-                (base / f"{job.submission_id}.log").write_text(c.logs(job.submission_id))
+    with job_cluster(base, *CLUSTER_ARGS) as c:
+        yield c, local_sh(base / "cluster")
 
 
 @pytest.mark.slow

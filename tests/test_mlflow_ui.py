@@ -1,13 +1,13 @@
-"""What a user sees in MLflow after training, against a real `mlflow server`: a model-training experiment,
+"""What a user gets from MLflow after training, against a real `mlflow server`: a model-training experiment,
 MLflow's standard source tags, the final and best weights as logged models that load in a fresh process,
-`trainer.evaluate` on a `models:/` URI, and the runs table rendered by headless Chromium."""
+and `trainer.evaluate` on a `models:/` URI. The pages in a browser, on the cluster users get:
+tests/test_journey.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +18,6 @@ import torch
 from test_trainer_mlflow import mlflow_server
 from trainer_fixtures import digits_shards, spawn, tiny_config
 
-from launch.demo import show_runs
 from trainer.evaluate import main as evaluate_main
 from trainer.export import load_exported
 
@@ -46,18 +45,8 @@ def _load_in_fresh_process(uri: str, model_uri: str, example: Path, cwd: Path) -
     return torch.load(out)
 
 
-def _dump_dom(url: str) -> str:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium is installed by the Makefile (apt package 'chromium')"
-    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--virtual-time-budget=30000", "--window-size=1600,1000", "--dump-dom", url],
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
 @pytest.mark.slow
-def test_runs_logged_models_and_the_ui(tmp_path, tmp_path_factory, capfd):
+def test_runs_and_logged_models(tmp_path, tmp_path_factory, capfd):
     import mlflow
 
     data = digits_shards(tmp_path_factory)
@@ -107,18 +96,6 @@ def test_runs_logged_models_and_the_ui(tmp_path, tmp_path_factory, capfd):
         by_file = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
         assert by_uri["val/top1"] == by_file["val/top1"] and by_uri["step"] == by_file["step"] == 8
 
-        # What a person sees: the links the demo prints, rendered by a real browser. The runs table lists
-        # both runs; a run's page shows its metrics (the table's metric columns are hidden by default).
-        show_runs(uri, EXPERIMENT)
-        links = re.findall(r"http://\S+", capfd.readouterr().out)
-        table = next(u for u in links if u.endswith("/runs?workflowType=machine_learning"))
-        dom = _dump_dom(table)
-        assert all(name in dom for name in names), dom[-3000:]
-        run_link = next(u for u in links if u.endswith(run.info.run_id))
-        # The run page prints each metric's value in full (JavaScript's shortest round-trip form, as
-        # Python's repr); a rounded form is no substring of it once the rounding carries (0.1156 vs
-        # 0.11555555555555555).
-        assert repr(run.data.metrics["val/top1"]) in _dump_dom(run_link)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -43,7 +43,7 @@ def test_ui_links_open_the_model_training_view():
     assert links == {"runs": "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning",
                      "charts": "http://mlflow.example:5000/#/experiments/7/runs?workflowType=machine_learning"
                                "&compareRunsMode=CHART",
-                     "run": "http://mlflow.example:5000/#/experiments/7/runs/abc"}
+                     "run": "http://mlflow.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning"}
     # a database store has no server: the links assume `mlflow ui` on its default address
     assert ui_links("sqlite:///runs/mlflow.db", "1")["runs"].startswith("http://127.0.0.1:5000/#/experiments/1/")
 

@@ -64,7 +64,8 @@ def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None) -
     runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     links = {"runs": runs, "charts": runs + "&compareRunsMode=CHART"}
     if run_id:
-        links["run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+        # Without the workflow type a run page opens in the GenAI view, whatever the experiment's kind.
+        links["run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     return links
 
 

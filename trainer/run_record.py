@@ -39,6 +39,10 @@ def local_store_uri(folder: str | Path) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; a Ray worker runs from an uploaded copy without .git, so the launcher passes
+    the submitting checkout's commit in DEEPSPIKE_GIT_COMMIT."""
+    if commit := os.environ.get("DEEPSPIKE_GIT_COMMIT"):
+        return commit
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)

@@ -8,6 +8,9 @@
 #   MLFLOW_HOST [127.0.0.1]  MLFLOW_PORT [5000]  MLFLOW_BACKEND [sqlite|postgres]
 #   MLFLOW_ALLOWED_HOSTS  the Host headers clients send, e.g. mlflow:5000 (MLflow's default: localhost,
 #                         127.0.0.1 and private IPs; any other name or address is refused with 403)
+#   MLFLOW_CORS_ALLOWED_ORIGINS  the origins of the pages users browse the UI from, e.g. http://mlflow:5000
+#                         (MLflow's default: localhost origins only; the UI's POST requests from any other
+#                         origin get 403 "Blocked cross-origin request", and its runs table stays empty)
 #   PG_HOST [127.0.0.1]  PG_PORT [5433]  PGDATA [DIR/pgdata]   (as root, user postgres must be able to reach it)
 #   MLFLOW_BACKEND_STORE_URI       use an existing database, e.g. postgresql+psycopg://mlflow@db:5432/mlflow;
 #                                  pass the password in PGPASSWORD or ~/.pgpass, never in this URI
@@ -60,7 +63,8 @@ case $cmd in
     export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
     exec mlflow server --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
       --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-$dir/artifacts}" \
-      --host "$host" --port "$port" --workers 1 ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"}
+      --host "$host" --port "$port" --workers 1 ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"} \
+      ${MLFLOW_CORS_ALLOWED_ORIGINS:+--cors-allowed-origins "$MLFLOW_CORS_ALLOWED_ORIGINS"}
     ;;
   stop)
     if [ -f "$pgdata/postmaster.pid" ]; then as_pg pg_ctl -D "$pgdata" -m fast -w stop >/dev/null; fi
