@@ -60,7 +60,7 @@ def launcher_args(command: str) -> tuple[str, list[str]]:
 def test_image_is_ray_of_the_pinned_version_with_the_checkout_installed_by_make():
     d = dockerfile()
     assert d["from"] == f"rayproject/ray:{pin('ray')}-py311-gpu"
-    assert "make VENV=/home/ray/anaconda3 /home/ray/anaconda3/.deepspike-installed" in d["text"]
+    assert "make TRAINING_ONLY=1 VENV=/home/ray/anaconda3 /home/ray/anaconda3/.deepspike-installed" in d["text"]
     assert "$(VENV)/.deepspike-installed" in (ROOT / "Makefile").read_text()  # the target make builds
 
 

@@ -20,6 +20,7 @@ from data_fixtures import indices_of, resumed_rest
 from trainer_fixtures import free_port
 
 from dataloaders import DataConfig, build_loader
+from dataloaders.manifest import ShardMismatch
 from dataloaders.wds_reader import ShardError
 
 pytest_plugins = ["data_fixtures"]
@@ -146,5 +147,5 @@ def test_s3_stream_verifies_sha256_while_reading(s3, index_cifar):
         member = max((m for m in tf if m.isfile()), key=lambda m: m.size)
     data[member.offset_data + member.size // 2] ^= 0xFF  # inside an image: the tar still parses
     s3fs.S3FileSystem(skip_instance_cache=True).pipe(f"{BUCKET}/{PREFIX}/{name}", bytes(data))
-    with pytest.raises(ShardError, match="sha256"):
+    with pytest.raises(ShardMismatch, match="sha256"):
         list(build_loader(_cfg(URL, retries=1, retry_backoff=0.01), "train", 0, 1))

@@ -49,9 +49,9 @@ def test_the_dockerfile_installs_the_training_list_only(tmp_path):
     assert "TRAINING_ONLY=1" in argv
     image = dry_run(argv)
     assert apt_installed(image) == set(make_var("APT_TRAIN"))
-    assert re.search(r'-e "\.\[ffcv\]"', image) and "spikingjelly" not in image  # no dev/peers/decoders extras
+    assert re.search(r'-e "\.\[ffcv,s3\]"', image) and "spikingjelly" not in image  # no dev/peers/decoders extras
     assert "models/csrc/build.py" in image  # the compiled ops are still built into the image
     # `make test` / `make demo` on a developer machine: both lists and the test extras.
     dev = dry_run(["make", f"VENV={tmp_path / 'venv'}", str(tmp_path / "venv/.deepspike-installed")])
     assert apt_installed(dev) == set(make_var("APT_TRAIN")) | set(make_var("APT_TEST"))
-    assert '-e ".[ffcv,dev,peers,decoders]"' in dev and "spikingjelly" in dev
+    assert '-e ".[ffcv,s3,dev,peers,decoders]"' in dev and "spikingjelly" in dev
