@@ -179,7 +179,7 @@ def test_an_npy_header_declaring_a_huge_shape_is_a_counted_skip(tmp_path_factory
 
     base = tmp_path_factory.mktemp("dvs_hostile")
     src = synthetic.cifar10_dvs(base / "src", per_class=1, events=300)
-    convert("cifar10-dvs", base / "wds", "wds", src, frames=2, train_fraction=0.0, shard_size=4)
+    convert("cifar10dvs", base / "wds", "wds", src, frames=2, train_fraction=0.0, shard_size=4)
     root = base / "wds"
     replace_members(root / "test" / "test-000000.tar", ".npy.gz", {1: huge_npy()})
     reseal(root, "test")
