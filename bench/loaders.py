@@ -96,7 +96,7 @@ def _measure(paths: dict, rounds: int) -> dict[str, tuple[int, float, float, flo
 
 
 def _normalize_rate(batch: int, epochs: int) -> float:
-    """images/s on one core of the loader's normalize on a CPU device: what `model_input` adds to the
+    """images/s on one core of the loader's normalize on a CPU device: what `Loader.to_model` adds to the
     training process when there is no GPU (on one, it runs there)."""
     from dataloaders.transforms import Normalize
 
@@ -275,7 +275,7 @@ def main(argv=None):
     for name, (n, wall, cpu, main) in rows.items():
         print(f"{name:38} {n:7d} {wall:7.2f} {n / wall:9.0f} {n / wall / wds_wall:6.2f}x {cpu:7.2f} {main:6.2f} "
               f"{n / cpu:14.0f} {n / cpu / wds_rate:6.2f}x")
-    print(f"normalise a uint8 batch on a CPU device (model_input without a GPU): {normalize:.0f} images/s/core")
+    print(f"normalise a uint8 batch on a CPU device (Loader.to_model without a GPU): {normalize:.0f} images/s/core")
     n, _, cpu, _ = rows[FFCV_JPG]
     ffcv_ratio = n / cpu / wds_rate
     print(f"targets: wds >= {WDS_TARGET} images/s/core: {wds_rate:.0f} "

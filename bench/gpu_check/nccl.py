@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--cpu-dry-run", action="store_true")
     a = ap.parse_args(argv)
+    from dataloaders.loader import InMemory
     from models import create_model
     from trainer.distributed import init_distributed
     from trainer.evaluate import evaluate
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     result["all_reduce"] = {"device": on_device.tolist(), "cpu": on_cpu.tolist()}
     torch.manual_seed(0)
     model = create_model("ms_resnet18", num_classes=10, T=2).to(device)
-    batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).float() / 255, torch.randint(0, 10, (4,)))
-               for _ in range(2)]
+    images = [torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).float() / 255 for _ in range(2)]
+    batches = InMemory([(x, torch.randint(0, 10, (4,))) for x in images])
     metrics = evaluate(model, batches, device, "bf16")
     result["evaluate"] = {k: v for k, v in metrics.items() if k.startswith("val/")}
     ok = (on_device.tolist() == [0.0, 1.0, 2.0, 3.0] and on_cpu.tolist() == [0, 1, 2, 3] and world == 1
