@@ -159,7 +159,7 @@ def machine_venv(venv: Path) -> Path:
     return py
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write the wheel bundle")
@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     v = sub.add_parser("machine-venv", help="a venv holding only the GPU machine's preinstalled packages")
     v.add_argument("dir", type=Path)
     sub.add_parser("pins", help="print name==version of the preinstalled packages this Python has")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     if a.cmd == "build":
         build(a.dir.resolve(), a.python_version)
     elif a.cmd == "machine-venv":

@@ -14,6 +14,7 @@ fp16 stage runs in fp32 (the other precision without autocast) and says so.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.gpu_check.train import FP16_ON_CPU, compare_runs, data_for, overrides, resumed_from, stage_args
+from bench.gpu_check.train import FP16_ON_CPU, compare_runs, data_for, overrides, resumed_from, stage_args, stage_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.3.1"  # loopback, away from cluster/local.sh's 127.0.0.2 and the tests' 127.0.1.x
@@ -150,9 +151,13 @@ def run_precision(head: RayHead, data: Path, storage: Path, p: dict, precision: 
     return row
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return stage_parser(__doc__, "data, Ray logs and run storage",
+                        ("--job-timeout", 150, "seconds per job start (the killed run starts twice)"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    a, work, p = stage_args(__doc__, argv, "data, Ray logs and run storage",
-                            ("--job-timeout", 150, "seconds per job start (the killed run starts twice)"))
+    a, work, p = stage_args(build_parser(), argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stage timeout still stops the cluster
     data, result = data_for(work, p, "ray")
     with RayHead(work, gpus=0 if a.cpu_dry_run else 1) as head:

@@ -158,7 +158,7 @@ def after_ray(work: Path, out: Path) -> None:
         shutil.copy(log, out / "ray_logs" / log.name)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="gpu_check.json and the Ray job logs go here")
     ap.add_argument("--work", help="data, checkpoints, Ray job logs (default: a new folder under /tmp, removed "
@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> None:
                     "more stretches each timeout in proportion)")
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--stages", default=",".join(STAGES), help="a subset, in this order")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if unknown := set(a.stages.split(",")) - set(STAGES):
         ap.error(f"unknown stage(s) {', '.join(sorted(unknown))}; the stages are {', '.join(STAGES)}")

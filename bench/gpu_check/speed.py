@@ -137,13 +137,17 @@ def lif_timings(p: dict, device: torch.device) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--budget-s", type=float, default=170, help="the largest-batch searches stop in time "
                     "for the rest to fit in it")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     t_start = time.monotonic()
     from trainer.distributed import init_distributed
 

@@ -97,16 +97,19 @@ def compare_runs(root: Path, precision: str, final: str, tag: str) -> dict:
     return result
 
 
-def stage_args(doc: str, argv: list[str] | None, work_help: str, timeout: tuple[str, float, str]
-               ) -> tuple[argparse.Namespace, Path, dict]:
-    """The command line this stage and the Ray stage share, plus `timeout` (flag, default, help): the
-    arguments, the work folder (made) and the sizes (toy sizes with --cpu-dry-run)."""
+def stage_parser(doc: str, work_help: str, timeout: tuple[str, float, str]) -> argparse.ArgumentParser:
+    """The command line this stage and the Ray stage share, plus `timeout` (flag, default, help)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help=work_help)
     ap.add_argument("--json", required=True)
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument(timeout[0], type=float, default=timeout[1], help=timeout[2])
-    a = ap.parse_args(argv)
+    return ap
+
+
+def stage_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Path, dict]:
+    """The arguments, the work folder (made) and the sizes (toy sizes with --cpu-dry-run)."""
+    a = parser.parse_args(argv)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     return a, work, CPU if a.cpu_dry_run else GPU
@@ -175,9 +178,13 @@ def run_precision(work: Path, data: Path, p: dict, precision: str, on_cpu: bool,
     return row
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return stage_parser(__doc__, "data, run directories and their logs",
+                        ("--run-timeout", 60, "seconds per trainer.train process"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    a, work, p = stage_args(__doc__, argv, "data, run directories and their logs",
-                            ("--run-timeout", 60, "seconds per trainer.train process"))
+    a, work, p = stage_args(build_parser(), argv)
     data, result = data_for(work, p, "train")
     for precision in ("bf16", "fp16"):
         try:
