@@ -174,13 +174,22 @@ class ShardStream:
 @functools.cache
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """What reading a shard raises when the storage or the network fails: OSError (files, sockets, fsspec,
-    a `pipe:` command's exit status, ShardError), a cut-off tar, and aiohttp's own errors (fsspec's HTTP
-    transport: a body cut short is a ClientPayloadError, not an OSError). Anything else is a bug."""
+    a `pipe:` command's exit status, ShardError), a cut-off tar, aiohttp's own errors (fsspec's HTTP
+    transport: a body cut short is a ClientPayloadError, not an OSError) and botocore's connection errors
+    (s3fs passes an unreachable endpoint on as EndpointConnectionError, not an OSError). Anything else is a
+    bug."""
     errors: list[type[BaseException]] = [OSError, EOFError, tarfile.TarError]
     try:
         import aiohttp
 
         errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        errors += [BotoConnectionError, HTTPClientError]
     except ImportError:
         pass
     return tuple(errors)
