@@ -1,12 +1,13 @@
 """Training-step speed and memory of deepspike's MS-ResNets against SpikingJelly and the authors' loop.
 
     python -m bench.models [--configs ms18_64,ms56_32] [--rows ds_fp32,sj_compiled] [--repeat N] [--out DIR]
-    python -m bench.models --profile [--configs ...]   # torch.profiler top ops of the deepspike rows
+    python -m bench.models --profile [--configs ...]   # profile of the deepspike rows, conv vs the rest
 
 Rows (one fresh subprocess each, so peak RSS and compile caches don't leak between rows):
   ds_fp32      deepspike, fp32
   ds_default   deepspike, bf16 autocast (the trainer's default precision)
-  sj_eager     the same architecture from SpikingJelly 2.0 multi-step layers (bench.peers)
+  sj_eager     the same architecture from SpikingJelly 2.0 multi-step layers (bench.peers); fp32, as every
+               SpikingJelly row
   sj_compiled  the same, whole model under torch.compile (default mode; how SpikingJelly's own trainer
                compiles), reset_net outside the compiled region; compilation happens in the warm-up steps
                and is cached by Inductor on disk (a cold cache costs many minutes on 2 cores; run the bench
@@ -32,9 +33,10 @@ growth of the process's resident set across the forward and loss of one step (gl
 by malloc_trim before each reading), divided by batch * T. memopt's checkpoints keep their inputs (and
 would keep its compressors' bit-packed spikes) outside autograd's saved tensors, so the hooks above miss
 them; the resident set does not. It also counts what the hooks leave out on purpose (autocast's weight
-casts, LIF states kept on the module) and whatever the allocator cannot give back, so it is >= saved.
+casts, LIF states kept on the module) and whatever the allocator cannot give back, so it reads a little
+above saved where the hooks see everything.
 peak RSS: ru_maxrss of the row's process. warm-up s: the untimed first steps (includes compilation).
-compile s (sj_compiled): the first step's time less the median timed step.
+sj_compiled's compile time, printed under the table: its first step's time less the median timed step.
 load: the 1-minute load average as the row ended (2 cores: well above 2, timings are inflated).
 
 LIF kernel: forward and backward ms of the LIF op on the input of each config's first LIF ([T, N, C, H, W]),
