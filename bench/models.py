@@ -211,6 +211,7 @@ def run_row(cfg: Config, row: str, threads: int) -> dict:
         times.append(time.perf_counter() - t0)
     saved = SavedBytes(model)
     step(saved)
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before _settle resets the mark
     held = step(measure_held=True)
     n = cfg.batch * cfg.T
     result = dict(config=cfg.model, size=cfg.size, row=row, label=ROWS[row],
@@ -219,7 +220,7 @@ def run_row(cfg: Config, row: str, threads: int) -> dict:
                   step_s=times, warmup_s=sum(warmup),
                   saved_bytes=saved.total, saved_per_sample_step=saved.total / n,
                   held_bytes=held, held_per_sample_step=held / n,
-                  peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  peak_rss_mib=peak_rss_mib,
                   load_avg_1min=os.getloadavg()[0])
     if compiled:
         from torch._dynamo.utils import counters
