@@ -10,6 +10,16 @@ On CPU SpikingJelly has one LIF backend, its Torch reference (`functional.neuron
 cpu)` reports 'torch-reference' for eager and compile); surrogate.Rect is not among the surrogates its
 registered LIF op accepts, so LIFNode runs the per-step reference loop with Rect's autograd function.
 
+`build_spikingjelly_memopt_model(name, num_classes, T, size, ...)`: that build under SpikingJelly's memory
+optimiser, `memopt.optimize_memory(model, SJMSBlock, probe, level=1)` with its defaults (budget "memory":
+every residual block wrapped by `memopt.checkpoint_module`; `compress=True`: a block whose input the probe
+finds strictly 0/1 keeps it as 1 bit per spike through `BitSpikeCompressor`). Level 1 is the highest level
+that runs without CUDA (levels 2-4 search splits by measuring CUDA peaks). An MS block's input is the
+real-valued membrane shortcut, so the probe finds no binary block input and every block is checkpointed
+uncompressed: the block then holds only its input for backward, less than any finer split could (a unit
+whose input is a spike still needs the LIF before it, which takes the real membrane). See
+`spikingjelly_memopt_plan` for what the optimiser chose.
+
 `build_per_timestep_model(name, num_classes, T, ...)`: the authors' formulation (Ariande1/MS-ResNet):
 the image is copied T times and every conv, pooling and LIF loops over t in Python; the LIF is made of
 elementary autograd ops; tdBN is one BatchNorm over the stacked (T*N) batch.
@@ -25,8 +35,9 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from spikingjelly.activation_based import layer, neuron, surrogate
+from spikingjelly.activation_based import functional, layer, memopt, neuron, surrogate
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from models import LIF, create_model
 from models.blocks import MSBlock, Shortcut
@@ -116,6 +127,27 @@ def build_spikingjelly_model(name: str, num_classes: int | None = None, T: int =
     peer = SJMSResNet(ours)
     peer.load_state_dict(ours.state_dict())
     return peer
+
+
+def build_spikingjelly_memopt_model(name: str, num_classes: int | None = None, T: int = 4, size: int = 32,
+                                    **kwargs) -> SJMSResNet:
+    """`build_spikingjelly_model` under `memopt.optimize_memory` at level 1 (see the module docstring); the
+    probe forward runs on a batch of two random `size` x `size` images."""
+    peer = build_spikingjelly_model(name, num_classes, T, **kwargs)
+    probe = torch.randn(2, peer.stem_convs[0].in_channels, size, size)
+
+    def example_forward(model: nn.Module) -> torch.Tensor:
+        functional.reset_net(model)
+        return model(probe)
+
+    return memopt.optimize_memory(peer, SJMSBlock, example_forward, level=1)
+
+
+def spikingjelly_memopt_plan(model: nn.Module) -> str:
+    """What memopt wrapped: checkpointed modules, and how many of them compress their input."""
+    wrapped = [m for m in model.modules() if isinstance(m, CheckpointWrapper)]
+    compressed = sum(1 for m in wrapped if m.checkpoint_fn.keywords["compressor"] is not None)
+    return f"{len(wrapped)} modules checkpointed, {compressed} with a compressed input"
 
 
 class _RectSpike(torch.autograd.Function):
