@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from ray.job_submission import JobStatus
 
 from launch import demo
 from tests.cluster_fixtures import chromium, chromium_typed, job_cluster
-from trainer.checkpoint import find_resume_checkpoint, read_meta
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 CLUSTER_ARGS = ["--host", "127.0.9.2"]
 # The demo's command, cut to 20 steps with one evaluation at the end.
 SHORT = ["--set", "optim.max_steps=20", "log_every=5"]
@@ -107,31 +103,3 @@ def test_demo_runs_side_by_side_in_the_browser_quietly(journey, tmp_path, capfd)
     assert post(state["mlflow"], state["mlflow"]) == 200
     assert post(state["mlflow"], "http://evil.example:5000") == 403
 
-
-def test_job_stop_then_the_same_submit_resumes_the_same_run(journey):
-    from tests.test_launch_ray import TINY, mlflow_runs, resumed_step
-
-    run = journey.storage / "stopped"
-    args = [*TINY, "optim.max_steps=60"]
-    sid = journey.submit("stopped", *args)
-    assert journey.wait(sid, until=(run / "checkpoints/step_00000010").exists) == JobStatus.RUNNING
-    subprocess.run([str(BIN / "ray"), "job", "stop", sid], env=journey.env, check=True, capture_output=True)
-    assert journey.wait(sid, timeout=120) == JobStatus.STOPPED
-    [first] = mlflow_runs(journey, "stopped")
-    assert first.info.status == "KILLED", journey.logs(sid)[-3000:]
-    newest = find_resume_checkpoint(run / "checkpoints")
-    assert newest is not None and read_meta(newest)["mlflow_run_id"] == first.info.run_id
-    step = read_meta(newest)["step"]
-
-    sid = journey.submit("stopped", *args)
-    assert journey.wait(sid) == JobStatus.SUCCEEDED, journey.logs(sid)[-3000:]
-    assert resumed_step(journey.logs(sid)) == step
-    [again] = mlflow_runs(journey, "stopped")
-    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
-    steps = [m.step for m in mlflow.MlflowClient(journey.state["mlflow"]).get_metric_history(
-        again.info.run_id, "train/loss")]
-    assert steps[0] == 5 and steps[-1] == 60
-    # The runs table the user opens lists it once.
-    exp = mlflow.MlflowClient(journey.state["mlflow"]).get_experiment_by_name("digits_tiny")
-    dom = chromium(f"{journey.state['mlflow']}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
-    assert dom.count(">stopped<") == 1, dom[-3000:]

@@ -25,7 +25,7 @@ from ray.util.state import StateApiClient
 from ray.util.state.common import ListApiOptions, StateResource
 
 from cluster.local import auth_headers, client_env, kill_groups
-from tests.cluster_fixtures import digits_wds, local_cluster
+from tests.cluster_fixtures import chromium, digits_wds, local_cluster
 from trainer.checkpoint import find_resume_checkpoint, read_meta
 
 pytestmark = pytest.mark.slow
@@ -192,11 +192,13 @@ def test_stopped_run_resubmitted_with_its_name_resumes_on_fewer_nodes(cluster):
     subprocess.run([str(BIN / "ray"), "job", "stop", sid], env=cluster.env, check=True, capture_output=True)
     assert cluster.wait(sid, timeout=120) == JobStatus.STOPPED
     [first] = mlflow_runs(cluster, "stopped")
-    assert first.info.status != "FINISHED"
+    assert first.info.status == "KILLED", cluster.logs(sid)[-3000:]
 
     # Same --run-name, half the nodes, and this time the code shipped with --working-dir; a short
     # continuation past the newest checkpoint is enough to see where it resumes and that it finishes.
-    newest = read_meta(find_resume_checkpoint(saved.parent))["step"]
+    newest_meta = read_meta(find_resume_checkpoint(saved.parent))
+    assert newest_meta["mlflow_run_id"] == first.info.run_id
+    newest = newest_meta["step"]
     end = newest + 30
     sid = cluster.submit("stopped", *TINY, f"optim.max_steps={end}", nodes=1, working_dir=True)
     assert cluster.wait(sid) == JobStatus.SUCCEEDED, cluster.logs(sid)[-3000:]
@@ -211,6 +213,10 @@ def test_stopped_run_resubmitted_with_its_name_resumes_on_fewer_nodes(cluster):
     steps = [m.step for m in mlflow.MlflowClient(cluster.state["mlflow"]).get_metric_history(
         run.info.run_id, "train/loss")]
     assert steps[0] == 5 and steps[-1] == end and set(range(5, end + 1, 5)) <= set(steps)
+    # The runs table the user opens lists it once.
+    exp = mlflow.MlflowClient(cluster.state["mlflow"]).get_experiment_by_name("digits_tiny")
+    dom = chromium(f"{cluster.state['mlflow']}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+    assert dom.count(">stopped<") == 1, dom[-3000:]
 
 
 def test_node_lost_right_after_a_save_resumes_from_the_newest_step(cluster):
