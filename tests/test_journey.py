@@ -1,8 +1,8 @@
 """The user's journey on the cluster users get: `cluster/local.sh` (own loopback addresses, token auth), jobs
 sent with the `ray job` CLI as `make demo` sends them, and headless Chromium on the links the product prints.
 
-One cluster for the module. The demo's runs come first, on the fresh cluster, where Ray's start-up errors
-(if any) would reach the job's output.
+The session's default-settings cluster (tests/conftest.py), while it is fresh: the demo's runs are its first
+jobs, where Ray's start-up errors (if any) would reach the job's output.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import mlflow
 import pytest
 
 from launch import demo
-from tests.cluster_fixtures import chromium, chromium_typed, job_cluster
+from tests.cluster_fixtures import chromium, chromium_typed
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_ARGS = ["--host", "127.0.9.2"]
 # The demo's command, cut to 20 steps with one evaluation at the end.
 SHORT = ["--set", "optim.max_steps=20", "log_every=5"]
 # A Ray log line at level E: "[2026-12-07 19:56:47,459 E 13077 13077] (raylet) main.cc:1108: ..."
@@ -30,9 +29,9 @@ RAY_ERROR = re.compile(r"\d E \d+ \d+\]")
 
 
 @pytest.fixture(scope="module")
-def journey(tmp_path_factory):
-    with job_cluster(tmp_path_factory.mktemp("journey"), *CLUSTER_ARGS) as c:
-        yield c
+def journey(default_cluster):
+    assert not default_cluster.client.list_jobs(), "test_journey runs first on the default cluster"
+    return default_cluster
 
 
 def head_commit() -> str:
