@@ -1,5 +1,6 @@
-"""A real local cluster (cluster/local.sh) for a test module, what its processes listen on, and headless
-Chromium for the pages it serves."""
+"""Real local clusters (cluster/local.sh) for the tests, the jobs' client on them, what their processes listen
+on, and headless Chromium for the pages they serve. The session's shared clusters are tests/conftest.py's
+fixtures."""
 
 from __future__ import annotations
 
@@ -17,8 +18,16 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.util.state import StateApiClient
+from ray.util.state.common import ListApiOptions, StateResource
+
+from cluster.local import auth_headers, client_env
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# The session's shared job cluster's head; its workers take the next addresses.
+SHARED_HOST = "127.0.1.2"
 
 
 def digits_wds(out: Path) -> Path:
@@ -45,20 +54,66 @@ def local_cluster(cluster_dir: Path, *args: str, workers: int = 2):
         shutil.rmtree(state["ray_tmp"], ignore_errors=True)  # Ray's session files and logs
 
 
-@contextlib.contextmanager
-def job_cluster(base: Path, *args: str):
-    """A `local_cluster(BASE/cluster, ARGS...)` with digits shards and run storage beside it, as the jobs'
-    client (tests.test_launch_ray.Cluster); every job's log is kept in BASE for a failure's post-mortem."""
-    from tests.test_launch_ray import Cluster
+class Cluster:
+    """The jobs' client of a local cluster: `ray job submit` as a user types it, and what Ray's APIs say."""
 
-    data = digits_wds(base / "digits16")
-    with local_cluster(base / "cluster", *args) as state:
-        c = Cluster(state, data, base / "storage")
-        try:
-            yield c
-        finally:
-            for job in c.client.list_jobs():
-                (base / f"{job.submission_id}.log").write_text(c.logs(job.submission_id))
+    def __init__(self, state: dict, data: Path, storage: Path):
+        self.state, self.data, self.storage = state, data, storage
+        self.env = dict(os.environ, **client_env(state))  # what `ray job submit` needs, the token too
+        self.client = JobSubmissionClient(state["dashboard"], headers=auth_headers(state))
+        self.state_api = StateApiClient(state["dashboard"], headers=auth_headers(state))
+
+    def submit(self, name: str, *args: str, nodes: int = 2, working_dir: bool = False,
+               launcher: str = "launch/cifar10.py") -> str:
+        """`ray job submit --no-wait [--working-dir .] -- python LAUNCHER --nodes N ...`; returns the id."""
+        sid = f"{name}-{time.monotonic_ns()}"
+        cmd = [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", sid,
+               *(["--working-dir", "."] if working_dir else []), "--",
+               "python", launcher, "--nodes", str(nodes), "--data", str(self.data),
+               "--storage", str(self.storage), "--run-name", name, *args]
+        subprocess.run(cmd, cwd=ROOT, env=self.env, check=True, capture_output=True, timeout=120)
+        return sid
+
+    def wait(self, sid: str, timeout: float = 400, until=None) -> JobStatus:
+        """Poll until the job ends or `until()` holds (then the job may still be running)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            status = self.client.get_job_status(sid)
+            if status.is_terminal() or (until is not None and until()):
+                return status
+            time.sleep(0.3)
+        raise TimeoutError(f"job {sid} still {status} after {timeout} s:\n{self.logs(sid)[-3000:]}")
+
+    def logs(self, sid: str) -> str:
+        return self.client.get_job_logs(sid)
+
+    def nodes(self) -> list:
+        """The alive nodes. Filtered here, not by the state API: its GCS query counts the nodes a filter
+        leaves out as truncated, so on a cluster that lost a node, raise_on_missing_output would raise."""
+        nodes = self.state_api.list(StateResource.NODES, ListApiOptions(detail=True), raise_on_missing_output=True)
+        return [n for n in nodes if n.state == "ALIVE"]
+
+    def workers(self, sid: str) -> list:
+        """The RayTrainWorker actors this job created, dead or alive."""
+        job_id = self.client.get_job_info(sid).job_id
+        return self.state_api.list(StateResource.ACTORS, ListApiOptions(
+            detail=True, limit=1000, filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)]),
+            raise_on_missing_output=True)
+
+
+def keep_job_logs(state: dict, folder: Path) -> None:
+    """Every job's log into `folder`, for a failure's post-mortem."""
+    client = JobSubmissionClient(state["dashboard"], headers=auth_headers(state))
+    for job in client.list_jobs():
+        (folder / f"{job.submission_id}.log").write_text(client.get_job_logs(job.submission_id))
+
+
+def restored(cluster_dir: Path) -> dict:
+    """`cluster/local.sh up` on a running cluster: the nodes an earlier test killed are restarted (the head,
+    the live nodes and MLflow stay); returns its state.json, with the restarted nodes' process groups."""
+    workers = json.loads((cluster_dir / "state.json").read_text())["workers"]
+    subprocess.run([*local_sh(cluster_dir), "up", str(workers)], check=True, capture_output=True, timeout=300)
+    return json.loads((cluster_dir / "state.json").read_text())
 
 
 def node_address(state: dict, group: str) -> str:

@@ -26,3 +26,65 @@ def device(request):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+
+# The cluster/local.sh clusters that test modules share for the whole run: starting one (3 Ray nodes and
+# MLflow) takes longer than most of the tests run on it. A module that kills a node leaves it dead; the next
+# module's fixture restarts it with `cluster/local.sh up`, as a user would.
+def pytest_collection_modifyitems(items):
+    """The tests on the shared clusters run last, first those on the default cluster alone (test_journey,
+    which wants it fresh), then those on the job cluster: each cluster starts for the first test that uses
+    it and stops at the end of the run, instead of idling through the tests that do not use it."""
+    items.sort(key=lambda item: ("shared_cluster" in item.fixturenames, "default_cluster" in item.fixturenames))
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory):
+    """The digits data set at 16 px as WebDataset shards, for the jobs on the shared clusters."""
+    from tests.cluster_fixtures import digits_wds
+
+    return digits_wds(tmp_path_factory.mktemp("data") / "digits16")
+
+
+def _session_cluster(base, *args):
+    """`local_cluster(BASE/cluster, ARGS...)`, yielding its folder; every job's log is kept in BASE."""
+    from tests.cluster_fixtures import keep_job_logs, local_cluster
+
+    with local_cluster(base / "cluster", *args) as state:
+        try:
+            yield base / "cluster"
+        finally:
+            keep_job_logs(state, base)
+
+
+@pytest.fixture(scope="session")
+def _default_cluster_dir(tmp_path_factory):
+    yield from _session_cluster(tmp_path_factory.mktemp("default_cluster"))
+
+
+@pytest.fixture(scope="session")
+def _shared_cluster_dir(tmp_path_factory):
+    from tests.cluster_fixtures import SHARED_HOST
+
+    yield from _session_cluster(tmp_path_factory.mktemp("shared_cluster"), "--host", SHARED_HOST)
+
+
+@pytest.fixture(scope="module")
+def default_cluster(_default_cluster_dir, digits16, tmp_path_factory):
+    """A cluster on cluster/local.sh's default settings (head 127.0.0.2, free ports), as `make demo` starts
+    one, as a tests.cluster_fixtures.Cluster whose run storage is the module's own. Its jobs leave every node
+    alive."""
+    from tests.cluster_fixtures import Cluster, restored
+
+    return Cluster(restored(_default_cluster_dir), digits16, tmp_path_factory.mktemp("storage"))
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(_shared_cluster_dir, digits16, tmp_path_factory):
+    """The session's job cluster (head SHARED_HOST + 2 worker nodes) with every node up (`cluster/local.sh
+    up` restarts those an earlier module killed), as a tests.cluster_fixtures.Cluster whose run storage is
+    the module's own."""
+    from tests.cluster_fixtures import Cluster, restored
+
+    return Cluster(restored(_shared_cluster_dir), digits16, tmp_path_factory.mktemp("storage"))

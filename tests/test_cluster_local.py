@@ -1,6 +1,7 @@
 """cluster/local.sh locked down: two real local clusters side by side (the default head address and another
-one), each node listening on its own loopback address only, Ray's job API refusing requests without the
-cluster's token, and MLflow answering its own address only.
+one: the session's shared clusters, tests/conftest.py), each node listening on its own loopback address
+only, Ray's job API refusing requests without the cluster's token, and MLflow answering its own address
+only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cluster.local import auth_headers
-from tests.cluster_fixtures import ROOT, listeners, local_cluster, node_address
+from tests.cluster_fixtures import ROOT, listeners, node_address
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +41,8 @@ NODES = "import ray; ray.init(); print('nodes', sorted(n['NodeManagerAddress'] f
 
 
 @pytest.fixture(scope="module")
-def clusters(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cluster_local")
-    with local_cluster(base / "a") as a, local_cluster(base / "b", "--host", "127.0.2.2") as b:
-        yield a, b
+def clusters(default_cluster, shared_cluster):
+    return default_cluster.state, shared_cluster.state
 
 
 def client(state: dict) -> JobSubmissionClient:

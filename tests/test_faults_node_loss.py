@@ -23,14 +23,12 @@ from ray.job_submission import JobStatus
 
 from cluster.local import LocalCluster, _alive, kill_groups
 from launch.common import LaunchError, scaling_config, workers_that_fit
-from tests.cluster_fixtures import job_cluster, local_sh
+from tests.cluster_fixtures import local_sh
 from trainer.checkpoint import find_resume_checkpoint, read_meta
 from trainer.recipes import get_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Own addresses and ports, apart from test_launch_ray's cluster and a demo one.
-CLUSTER_ARGS = ["--host", "127.0.5.2", "--ray-port", "6495", "--dashboard-port", "8495", "--mlflow-port", "5495"]
 # Checkpoints every 10 steps, so a kill after step 20 lands between two saves; every step is logged so the
 # step reached at the kill is known to the step. 400 steps (~0.2 s each here) outlast the 60 s after which
 # the shrunk group looks for nodes again, so the run also grows back.
@@ -91,10 +89,10 @@ def logged_step(run: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    base = tmp_path_factory.mktemp("node_loss")
-    with job_cluster(base, *CLUSTER_ARGS) as c:
-        yield c, local_sh(base / "cluster")
+def cluster(shared_cluster):
+    """The session's job cluster, and its `cluster/local.sh --dir DIR` command. The test leaves worker2
+    dead: the next module's `shared_cluster` restarts it."""
+    return shared_cluster, local_sh(Path(shared_cluster.state["dir"]))
 
 
 @pytest.mark.slow
@@ -128,7 +126,7 @@ def test_node_loss_run_goes_on_with_the_node_left_and_up_restarts_only_the_dead_
 
     # `up` on the cluster with a dead node: that node alone comes back; the head, the other node and the job stay.
     before = dict(cluster.state["pgids"])
-    out = subprocess.run([*local, "up", "2", *CLUSTER_ARGS], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*local, "up", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     after = json.loads(Path(cluster.state["dir"], "state.json").read_text())["pgids"]
     assert {k: after[k] for k in ("head", "worker1", "mlflow")} == {k: before[k] for k in ("head", "worker1", "mlflow")}

@@ -1,32 +1,27 @@
 """The user's journey on the cluster users get: `cluster/local.sh` (own loopback addresses, token auth), jobs
 sent with the `ray job` CLI as `make demo` sends them, and headless Chromium on the links the product prints.
 
-One cluster for the module. The demo's runs come first, on the fresh cluster, where Ray's start-up errors
-(if any) would reach the job's output.
+The session's default-settings cluster (tests/conftest.py), while it is fresh: the demo's runs are its first
+jobs, where Ray's start-up errors (if any) would reach the job's output.
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from ray.job_submission import JobStatus
 
 from launch import demo
-from tests.cluster_fixtures import chromium, chromium_typed, job_cluster
-from trainer.checkpoint import find_resume_checkpoint, read_meta
+from tests.cluster_fixtures import chromium, chromium_typed
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CLUSTER_ARGS = ["--host", "127.0.9.2"]
 # The demo's command, cut to 20 steps with one evaluation at the end.
 SHORT = ["--set", "optim.max_steps=20", "log_every=5"]
 # A Ray log line at level E: "[2026-12-07 19:56:47,459 E 13077 13077] (raylet) main.cc:1108: ..."
@@ -34,9 +29,9 @@ RAY_ERROR = re.compile(r"\d E \d+ \d+\]")
 
 
 @pytest.fixture(scope="module")
-def journey(tmp_path_factory):
-    with job_cluster(tmp_path_factory.mktemp("journey"), *CLUSTER_ARGS) as c:
-        yield c
+def journey(default_cluster):
+    assert not default_cluster.client.list_jobs(), "test_journey runs first on the default cluster"
+    return default_cluster
 
 
 def head_commit() -> str:
@@ -107,31 +102,3 @@ def test_demo_runs_side_by_side_in_the_browser_quietly(journey, tmp_path, capfd)
     assert post(state["mlflow"], state["mlflow"]) == 200
     assert post(state["mlflow"], "http://evil.example:5000") == 403
 
-
-def test_job_stop_then_the_same_submit_resumes_the_same_run(journey):
-    from tests.test_launch_ray import TINY, mlflow_runs, resumed_step
-
-    run = journey.storage / "stopped"
-    args = [*TINY, "optim.max_steps=60"]
-    sid = journey.submit("stopped", *args)
-    assert journey.wait(sid, until=(run / "checkpoints/step_00000010").exists) == JobStatus.RUNNING
-    subprocess.run([str(BIN / "ray"), "job", "stop", sid], env=journey.env, check=True, capture_output=True)
-    assert journey.wait(sid, timeout=120) == JobStatus.STOPPED
-    [first] = mlflow_runs(journey, "stopped")
-    assert first.info.status == "KILLED", journey.logs(sid)[-3000:]
-    newest = find_resume_checkpoint(run / "checkpoints")
-    assert newest is not None and read_meta(newest)["mlflow_run_id"] == first.info.run_id
-    step = read_meta(newest)["step"]
-
-    sid = journey.submit("stopped", *args)
-    assert journey.wait(sid) == JobStatus.SUCCEEDED, journey.logs(sid)[-3000:]
-    assert resumed_step(journey.logs(sid)) == step
-    [again] = mlflow_runs(journey, "stopped")
-    assert again.info.run_id == first.info.run_id and again.info.status == "FINISHED"
-    steps = [m.step for m in mlflow.MlflowClient(journey.state["mlflow"]).get_metric_history(
-        again.info.run_id, "train/loss")]
-    assert steps[0] == 5 and steps[-1] == 60
-    # The runs table the user opens lists it once.
-    exp = mlflow.MlflowClient(journey.state["mlflow"]).get_experiment_by_name("digits_tiny")
-    dom = chromium(f"{journey.state['mlflow']}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
-    assert dom.count(">stopped<") == 1, dom[-3000:]

@@ -13,81 +13,32 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from ray.job_submission import JobStatus, JobSubmissionClient
-from ray.util.state import StateApiClient
-from ray.util.state.common import ListApiOptions, StateResource
+from ray.job_submission import JobStatus
 
-from cluster.local import auth_headers, client_env, kill_groups
-from tests.cluster_fixtures import digits_wds, local_cluster
+from cluster.local import kill_groups
+from tests.cluster_fixtures import BIN, Cluster, chromium
 from trainer.checkpoint import find_resume_checkpoint, read_meta
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 # Pinned here rather than taken from the recipe: the assertions below depend on every one of them.
 TINY = ["--recipe", "digits_tiny", "--set", "optim.max_steps=40", "optim.global_batch=8", "data.batch_size=4",
         "checkpoint.every_steps=10", "checkpoint.keep_last=2", "log_every=5", "engine.precision=fp32"]
 
 
-class Cluster:
-    def __init__(self, state: dict, data: Path, storage: Path):
-        self.state, self.data, self.storage = state, data, storage
-        self.env = dict(os.environ, **client_env(state))  # what `ray job submit` needs, the token too
-        self.client = JobSubmissionClient(state["dashboard"], headers=auth_headers(state))
-        self.state_api = StateApiClient(state["dashboard"], headers=auth_headers(state))
-
-    def submit(self, name: str, *args: str, nodes: int = 2, working_dir: bool = False,
-               launcher: str = "launch/cifar10.py") -> str:
-        """`ray job submit --no-wait [--working-dir .] -- python LAUNCHER --nodes N ...`; returns the id."""
-        sid = f"{name}-{time.monotonic_ns()}"
-        cmd = [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", sid,
-               *(["--working-dir", "."] if working_dir else []), "--",
-               "python", launcher, "--nodes", str(nodes), "--data", str(self.data),
-               "--storage", str(self.storage), "--run-name", name, *args]
-        subprocess.run(cmd, cwd=ROOT, env=self.env, check=True, capture_output=True, timeout=120)
-        return sid
-
-    def wait(self, sid: str, timeout: float = 400, until=None) -> JobStatus:
-        """Poll until the job ends or `until()` holds (then the job may still be running)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            status = self.client.get_job_status(sid)
-            if status.is_terminal() or (until is not None and until()):
-                return status
-            time.sleep(0.3)
-        raise TimeoutError(f"job {sid} still {status} after {timeout} s:\n{self.logs(sid)[-3000:]}")
-
-    def logs(self, sid: str) -> str:
-        return self.client.get_job_logs(sid)
-
-    def nodes(self) -> list:
-        return self.state_api.list(StateResource.NODES, ListApiOptions(detail=True, filters=[("state", "=", "ALIVE")]),
-                                   raise_on_missing_output=True)
-
-    def workers(self, sid: str) -> list:
-        """The RayTrainWorker actors this job created, dead or alive."""
-        job_id = self.client.get_job_info(sid).job_id
-        return self.state_api.list(StateResource.ACTORS, ListApiOptions(
-            detail=True, limit=1000, filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", job_id)]),
-            raise_on_missing_output=True)
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    base = tmp_path_factory.mktemp("launch_ray")
-    data = digits_wds(base / "digits16")
-    # A "demo" cluster on the default settings stays up beside this one, as after `make demo`: nothing of
-    # either may clash (issue 12: the second cluster's dashboard agent could not bind its port).
-    with local_cluster(base / "demo"), local_cluster(base / "cluster", "--host", "127.0.1.2") as state:
-        yield Cluster(state, data, base / "storage")
+def cluster(shared_cluster, default_cluster):
+    """The session's job cluster; a "demo" cluster on the default settings is up beside it, as after `make
+    demo`: nothing of either may clash (issue 12: the second cluster's dashboard agent could not bind its
+    port)."""
+    return shared_cluster
 
 
 def weights_sha256(step_dir: Path) -> str:
@@ -192,11 +143,13 @@ def test_stopped_run_resubmitted_with_its_name_resumes_on_fewer_nodes(cluster):
     subprocess.run([str(BIN / "ray"), "job", "stop", sid], env=cluster.env, check=True, capture_output=True)
     assert cluster.wait(sid, timeout=120) == JobStatus.STOPPED
     [first] = mlflow_runs(cluster, "stopped")
-    assert first.info.status != "FINISHED"
+    assert first.info.status == "KILLED", cluster.logs(sid)[-3000:]
 
     # Same --run-name, half the nodes, and this time the code shipped with --working-dir; a short
     # continuation past the newest checkpoint is enough to see where it resumes and that it finishes.
-    newest = read_meta(find_resume_checkpoint(saved.parent))["step"]
+    newest_meta = read_meta(find_resume_checkpoint(saved.parent))
+    assert newest_meta["mlflow_run_id"] == first.info.run_id
+    newest = newest_meta["step"]
     end = newest + 30
     sid = cluster.submit("stopped", *TINY, f"optim.max_steps={end}", nodes=1, working_dir=True)
     assert cluster.wait(sid) == JobStatus.SUCCEEDED, cluster.logs(sid)[-3000:]
@@ -211,12 +164,17 @@ def test_stopped_run_resubmitted_with_its_name_resumes_on_fewer_nodes(cluster):
     steps = [m.step for m in mlflow.MlflowClient(cluster.state["mlflow"]).get_metric_history(
         run.info.run_id, "train/loss")]
     assert steps[0] == 5 and steps[-1] == end and set(range(5, end + 1, 5)) <= set(steps)
+    # The runs table the user opens lists it once.
+    exp = mlflow.MlflowClient(cluster.state["mlflow"]).get_experiment_by_name("digits_tiny")
+    dom = chromium(f"{cluster.state['mlflow']}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
+    assert dom.count(">stopped<") == 1, dom[-3000:]
 
 
 def test_node_lost_right_after_a_save_resumes_from_the_newest_step(cluster):
-    """Kept last in this module: it takes a worker node away for good. The node dies the moment the
-    trainer's step 40 is complete, before Ray could register that save; the resubmitted run must still
-    continue from step 40, the newest complete checkpoint, and Ray must hold no copy of its own."""
+    """Kept last in this module: it takes a worker node away (the next module's `shared_cluster` restarts
+    it). The node dies the moment the trainer's step 40 is complete, before Ray could register that save;
+    the resubmitted run must still continue from step 40, the newest complete checkpoint, and Ray must hold
+    no copy of its own."""
     sid = cluster.submit("node-loss", *TINY, "optim.max_steps=60")
     newest = cluster.storage / "node-loss/checkpoints/step_00000040"
     assert cluster.wait(sid, until=newest.exists) == JobStatus.RUNNING
