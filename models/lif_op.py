@@ -17,9 +17,10 @@ kernels write it packed and unpack it where they read it:
                                                         view of the spikes with other dims (time folded into N);
   unpack_code(code, size, stride)                       the uint8 code per neuron, in PyTorch ops (analysis, tests).
 
-Arguments are checked once, in C++ (torch.ops.deepspike.lif_check / lif_backward_check), by every kernel, so a
-bad call raises the same error on every device and under tracing: decay in [0, 1], v_th finite, lens finite and
-> 0 (ValueError); x float64, float32, bfloat16 or float16 (TypeError); x at least 1-d, [T, ...] (ValueError).
+Arguments are checked once, in C++ (torch.ops.deepspike.lif_check / lif_backward_check / lif_code_spikes_check), by
+every kernel, so a bad call raises the same error on every device and under tracing: decay in [0, 1], v_th finite,
+lens finite and > 0 (ValueError); x float64, float32, bfloat16 or float16 (TypeError); x at least 1-d, [T, ...]
+(ValueError); a code whose shape is not the packed code of the tensor described (ValueError).
 
 Layout: a dense x (contiguous, channels_last or any other permutation of its dims) is read in place, and spikes,
 code and the input gradient come out in its layout (torch.empty_like's); any other x is copied first.

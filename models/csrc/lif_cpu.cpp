@@ -220,9 +220,12 @@ template <typename scalar_t>
 void code_spikes_cpu(const uint8_t* code, scalar_t* out_, int64_t rows, int64_t inner, int64_t row_bytes) {
   using E = Elem<scalar_t>;
   auto* out = reinterpret_cast<typename E::storage*>(out_);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16 * kBlock / std::max<int64_t>(inner, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) code_spikes_row<E>(code + r * row_bytes, out + r * inner, inner);
+  at::parallel_for(0, rows * row_bytes, kBlock / 4, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end;) {  // q: a byte of the code, i.e. 4 neurons of row q / row_bytes
+      const int64_t j = q % row_bytes, quads = std::min(end - q, row_bytes - j);
+      code_spikes_row<E>(code + q, out + (q / row_bytes) * inner + 4 * j, std::min(4 * quads, inner - 4 * j));
+      q += quads;
+    }
   });
 }
 
