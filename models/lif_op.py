@@ -1,4 +1,4 @@
-"""torch.ops.deepspike.lif(x, decay, v_th, lens) -> (spikes, code) and its backward op.
+"""torch.ops.deepspike.lif(x, decay, v_th, lens) -> (spikes, code), its backward op and lif_code_spikes.
 
 The schemas and the CPU kernels are compiled C++ (models/csrc/lif_cpu.cpp, built into the extension module
 `deepspike_ops` in site-packages by `python models/csrc/build.py`); this module loads them and registers what
@@ -6,19 +6,31 @@ torch needs around them: fake kernels (so torch.compile traces through the op wi
 autograd, and the CUDA kernels, which are Triton (models/lif_triton.py, imported on the first CUDA call so
 CPU-only processes never import triton).
 
-code is the uint8 tensor backward needs: bit 0 = the neuron spiked, bit 1 = u was inside the surrogate window.
+code is what backward needs, 2 bits per neuron and step (bit 0 = the neuron spiked, bit 1 = u was inside the
+surrogate window), packed 4 neurons to a byte: a contiguous uint8 tensor [outer, T, ceil(inner / 4)] in the time
+layout of x (`time_layout`; the bit layout is described once, at TimeLayout in models/csrc/lif_cpu.cpp). The
+kernels write it packed and unpack it where they read it:
+  lif_backward(grad_spikes, code, stride, decay, lens)  the input gradient, in the layout `stride` (x's);
+  lif_code_spikes(code, size, stride, dtype)            the spikes as a 0/1 tensor of dtype of that size and stride
+                                                        (models/spike_conv.py's weight gradient); the code's rows
+                                                        are laid over that tensor's memory, so it may be a dense
+                                                        view of the spikes with other dims (time folded into N);
+  unpack_code(code, size, stride)                       the uint8 code per neuron, in PyTorch ops (analysis, tests).
 
-Arguments are checked once, in C++ (torch.ops.deepspike.lif_check / lif_backward_check), by every kernel, so a
-bad call raises the same error on every device and under tracing: decay in [0, 1], v_th finite, lens finite and
-> 0 (ValueError); x float64, float32, bfloat16 or float16 (TypeError); x at least 1-d, [T, ...] (ValueError).
+Arguments are checked once, in C++ (torch.ops.deepspike.lif_check / lif_backward_check / lif_code_spikes_check), by
+every kernel, so a bad call raises the same error on every device and under tracing: decay in [0, 1], v_th finite,
+lens finite and > 0 (ValueError); x float64, float32, bfloat16 or float16 (TypeError); x at least 1-d, [T, ...]
+(ValueError); a code whose shape is not the packed code of the tensor described (ValueError).
 
 Layout: a dense x (contiguous, channels_last or any other permutation of its dims) is read in place, and spikes,
 code and the input gradient come out in its layout (torch.empty_like's); any other x is copied first.
+lif_backward takes that layout as `stride` (the spikes' strides), since the packed code does not carry it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 
@@ -37,22 +49,58 @@ def check_constants(decay: float, v_th: float, lens: float) -> None:
     torch.ops.deepspike.lif_check(torch.empty(1, device="meta"), decay, v_th, lens)
 
 
+def time_layout(t: torch.Tensor) -> tuple[int, int, int]:
+    """T, inner, outer of a dense tensor (models/csrc/lif_cpu.cpp's TimeLayout): the dims laid out inside the time
+    dim form `inner` consecutive elements, those outside it repeat the [T, inner] block `outer` times."""
+    T = t.shape[0]
+    inner = t.stride(0) if T > 1 else t.numel()
+    return T, inner, t.numel() // (T * inner) if T * inner else 0
+
+
+def packed_code_shape(t: torch.Tensor) -> tuple[int, int, int]:
+    """The shape of the packed code of the dense tensor t: [outer, T, ceil(inner / 4)]."""
+    T, inner, outer = time_layout(t)
+    return outer, T, (inner + 3) // 4
+
+
+_SHIFTS = (0, 2, 4, 6)  # neuron k of a byte sits in bits 2k, 2k + 1
+
+
+def unpack_code(code: torch.Tensor, size, stride) -> torch.Tensor:
+    """The uint8 code per neuron (bit 0 spiked, bit 1 inside the window) of the packed `code`, as a tensor of this
+    size and stride (the spikes'), in PyTorch ops."""
+    numel = math.prod(size)
+    row_bytes = code.shape[-1]
+    rows = code.numel() // row_bytes if row_bytes else 0
+    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=code.device)
+    per_neuron = (code.reshape(rows, row_bytes, 1) >> shifts) & 3  # [rows, row_bytes, 4], in memory order
+    memory = per_neuron.reshape(rows, 4 * row_bytes)[:, : numel // rows if rows else 0].contiguous()
+    return memory.as_strided(size, stride)  # (as_strided indexes the storage: memory must own it densely)
+
+
 @torch.library.register_fake("deepspike::lif")
 def _lif_fake(x, decay, v_th, lens):
     torch.ops.deepspike.lif_check(x, decay, v_th, lens)
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.uint8)
+    spikes = torch.empty_like(x)
+    return spikes, x.new_empty(packed_code_shape(spikes), dtype=torch.uint8)
 
 
 @torch.library.register_fake("deepspike::lif_backward")
-def _lif_backward_fake(grad_spikes, code, decay, lens):
-    torch.ops.deepspike.lif_backward_check(grad_spikes, code, decay, lens)
-    return torch.empty_like(code, dtype=grad_spikes.dtype)
+def _lif_backward_fake(grad_spikes, code, stride, decay, lens):
+    torch.ops.deepspike.lif_backward_check(grad_spikes, code, stride, decay, lens)
+    return grad_spikes.new_empty_strided(grad_spikes.shape, stride)
+
+
+@torch.library.register_fake("deepspike::lif_code_spikes")
+def _lif_code_spikes_fake(code, size, stride, dtype):
+    torch.ops.deepspike.lif_code_spikes_check(code, size, stride, dtype)
+    return code.new_empty_strided(size, stride, dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
     _, decay, _, lens = inputs
     ctx.save_for_backward(output[1])
-    ctx.decay, ctx.lens = decay, lens
+    ctx.stride, ctx.decay, ctx.lens = output[0].stride(), decay, lens
     # code has no gradient; without this autograd would zero-fill a tensor of its size for every backward.
     ctx.set_materialize_grads(False)
 
@@ -61,16 +109,16 @@ def _backward(ctx, grad_spikes, _grad_code):
     if grad_spikes is None:
         return None, None, None, None
     (code,) = ctx.saved_tensors
-    return torch.ops.deepspike.lif_backward(grad_spikes, code, ctx.decay, ctx.lens), None, None, None
+    return torch.ops.deepspike.lif_backward(grad_spikes, code, ctx.stride, ctx.decay, ctx.lens), None, None, None
 
 
 torch.library.register_autograd("deepspike::lif", _backward, setup_context=_setup_context)
 
 
 def _backward_setup_context(ctx, inputs, output):
-    _, code, decay, lens = inputs
+    _, code, stride, decay, lens = inputs
     ctx.save_for_backward(code)
-    ctx.decay, ctx.height = decay, 1.0 / (2.0 * lens)
+    ctx.stride, ctx.decay, ctx.height = stride, decay, 1.0 / (2.0 * lens)
 
 
 def _backward_backward(ctx, grad_grad_x):
@@ -78,7 +126,8 @@ def _backward_backward(ctx, grad_grad_x):
     grad_x = B(code) grad_spikes; this applies B^T, the same recurrence run forward in time:
     z_t = r_t + (s_{t-1} ? 0 : decay * z_{t-1}), out_t = window_t ? height * z_t : 0. It is written in PyTorch
     ops (rare, not a training path), so it is differentiable in turn."""
-    (code,) = ctx.saved_tensors
+    (packed,) = ctx.saved_tensors
+    code = unpack_code(packed, grad_grad_x.shape, ctx.stride)
     acc = torch.promote_types(grad_grad_x.dtype, torch.float32)
     out = torch.empty_like(grad_grad_x, memory_format=torch.contiguous_format)
     z = None
@@ -86,7 +135,7 @@ def _backward_backward(ctx, grad_grad_x):
         r = grad_grad_x[t].to(acc)
         z = r if z is None else r + torch.where((code[t - 1] & 1).bool(), 0.0, z * ctx.decay)
         out[t] = torch.where((code[t] & 2).bool(), z * ctx.height, 0.0)
-    return out, None, None, None
+    return out, None, None, None, None
 
 
 torch.library.register_autograd("deepspike::lif_backward", _backward_backward, setup_context=_backward_setup_context)
@@ -99,6 +148,12 @@ def _lif_cuda(x, decay, v_th, lens):
 
 
 @torch.library.register_kernel("deepspike::lif_backward", "cuda")
-def _lif_backward_cuda(grad_spikes, code, decay, lens):
+def _lif_backward_cuda(grad_spikes, code, stride, decay, lens):
     from models import lif_triton
-    return lif_triton.lif_backward(grad_spikes, code, decay, lens)
+    return lif_triton.lif_backward(grad_spikes, code, stride, decay, lens)
+
+
+@torch.library.register_kernel("deepspike::lif_code_spikes", "cuda")
+def _lif_code_spikes_cuda(code, size, stride, dtype):
+    from models import lif_triton
+    return lif_triton.lif_code_spikes(code, size, stride, dtype)

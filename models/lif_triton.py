@@ -7,7 +7,8 @@ twice), and the constants are loaded from a tensor in the accumulation dtype (a 
 would be an fp32 scalar, wrong for float64 inputs).
 
 Arguments are checked by the op's C++ check (torch.ops.deepspike.lif_check), and tensors of any dense layout are
-read in place, as on the CPU (models/lif_op.py).
+read in place, as on the CPU (models/lif_op.py). The code is written and read packed, 2 bits per neuron, as the CPU
+kernel does.
 
 Tested on the CPU under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
 """
@@ -20,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 1024
+from models.lif_op import packed_code_shape, time_layout
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -36,74 +38,109 @@ def _cast(v, ty: tl.constexpr):
         return v.to(ty)
 
 
+# Neurons of a program as [_BLOCK // 4, 4]: row q of the block is one byte of the packed code, column k the neuron in
+# bits 2k, 2k + 1 (the layout described at TimeLayout in models/csrc/lif_cpu.cpp). Packing and unpacking live in
+# _pack and _unpack.
+_BLOCK = 1024
+
+
 @triton.jit
-def _emit(spikes_ptrs, code_ptrs, mask, u, v_th, lens):
+def _pack(code):
+    """[Q, 4] 2-bit codes -> [Q] bytes (disjoint bits: the sum is their or)."""
+    shifts = 2 * tl.arange(0, 4)[None, :]
+    return tl.sum(code.to(tl.int32) << shifts, axis=1).to(tl.uint8)
+
+
+@triton.jit
+def _unpack(packed):
+    """[Q] bytes -> [Q, 4] 2-bit codes."""
+    shifts = 2 * tl.arange(0, 4)[None, :]
+    return (packed.to(tl.int32)[:, None] >> shifts) & 3
+
+
+@triton.jit
+def _emit(spikes_ptrs, code_ptrs, mask, byte_mask, u, v_th, lens):
     s = u > v_th
     fired = s.to(tl.uint8)  # (the interpreter cannot cast int1 to a float type directly)
     spike = tl.where(u != u, float("nan"), fired.to(tl.float32))  # a NaN membrane emits NaN, not silence
     tl.store(spikes_ptrs, _cast(spike, spikes_ptrs.dtype.element_ty), mask=mask)
-    tl.store(code_ptrs, fired | ((tl.abs(u - v_th) < lens).to(tl.uint8) << 1), mask=mask)
+    code = tl.where(mask, fired | ((tl.abs(u - v_th) < lens).to(tl.uint8) << 1), 0)  # padding slots stay 0
+    tl.store(code_ptrs, _pack(code), mask=byte_mask)
     return s
 
 
 @triton.jit
-def _first_step_offsets(M, inner, T, BLOCK: tl.constexpr, OUTER: tl.constexpr):
-    """Where each neuron of this program's block sits at t = 0; consecutive steps are `inner` elements apart
-    (the layout of models/csrc/lif_cpu.cpp's TimeLayout: dims inside the time dim give `inner` consecutive
-    elements, dims outside it repeat [T, inner] blocks)."""
-    m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    offs = (m // inner) * T * inner + m % inner if OUTER else m  # (int64 throughout: m is)
-    return offs, m < M
+def _first_step_offsets(Q, inner, row_bytes, T, BLOCK: tl.constexpr, OUTER: tl.constexpr):
+    """Where this program's neurons sit at t = 0, as [BLOCK // 4, 4], and their bytes in the packed code, as
+    [BLOCK // 4]; consecutive steps are `inner` elements and `row_bytes` bytes apart (the layout of
+    models/csrc/lif_cpu.cpp's TimeLayout: dims inside the time dim give `inner` consecutive elements, dims outside it
+    repeat [T, inner] blocks). Q = outer * row_bytes bytes per step."""
+    q = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # (int64 throughout: q is)
+    i = 4 * (q % row_bytes)[:, None] + tl.arange(0, 4)[None, :]  # the neuron in its row
+    if OUTER:
+        o = q // row_bytes
+        offs, code_offs = (o * T * inner)[:, None] + i, o * T * row_bytes + q % row_bytes
+    else:
+        offs, code_offs = i, q
+    byte_mask = q < Q
+    return offs, code_offs, byte_mask[:, None] & (i < inner), byte_mask
 
 
 @triton.jit
-def _lif_forward_kernel(x_ptr, spikes_ptr, code_ptr, consts_ptr, T, M, inner, BLOCK: tl.constexpr,
+def _lif_forward_kernel(x_ptr, spikes_ptr, code_ptr, consts_ptr, T, Q, inner, row_bytes, BLOCK: tl.constexpr,
                         ACC: tl.constexpr, OUTER: tl.constexpr):
     # Pointers advance by `inner` per step, so offsets never need t * inner (which overflows int32 on big tensors).
-    offs, mask = _first_step_offsets(M, inner, T, BLOCK, OUTER)
-    x_ptrs, spikes_ptrs, code_ptrs = x_ptr + offs, spikes_ptr + offs, code_ptr + offs
+    offs, code_offs, mask, byte_mask = _first_step_offsets(Q, inner, row_bytes, T, BLOCK, OUTER)
+    x_ptrs, spikes_ptrs, code_ptrs = x_ptr + offs, spikes_ptr + offs, code_ptr + code_offs
     decay, v_th, lens = tl.load(consts_ptr), tl.load(consts_ptr + 1), tl.load(consts_ptr + 2)
     u = tl.load(x_ptrs, mask=mask, other=0).to(ACC)
-    s = _emit(spikes_ptrs, code_ptrs, mask, u, v_th, lens)
+    s = _emit(spikes_ptrs, code_ptrs, mask, byte_mask, u, v_th, lens)
     for _ in range(1, T):
-        x_ptrs, spikes_ptrs, code_ptrs = x_ptrs + inner, spikes_ptrs + inner, code_ptrs + inner
+        x_ptrs, spikes_ptrs, code_ptrs = x_ptrs + inner, spikes_ptrs + inner, code_ptrs + row_bytes
         u = tl.where(s, 0.0, u * decay) + tl.load(x_ptrs, mask=mask, other=0).to(ACC)
-        s = _emit(spikes_ptrs, code_ptrs, mask, u, v_th, lens)
+        s = _emit(spikes_ptrs, code_ptrs, mask, byte_mask, u, v_th, lens)
 
 
 @triton.jit
-def _lif_backward_kernel(grad_ptr, code_ptr, grad_x_ptr, consts_ptr, T, M, inner, last_step_offset,
-                         BLOCK: tl.constexpr, ACC: tl.constexpr, OUTER: tl.constexpr):
-    offs, mask = _first_step_offsets(M, inner, T, BLOCK, OUTER)
-    offs += last_step_offset  # (T - 1) * inner, from the host: T and inner may arrive as compile-time constants
-    grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptr + offs, code_ptr + offs, grad_x_ptr + offs
+def _lif_backward_kernel(grad_ptr, code_ptr, grad_x_ptr, consts_ptr, T, Q, inner, row_bytes, last_step_offset,
+                         last_step_code_offset, BLOCK: tl.constexpr, ACC: tl.constexpr, OUTER: tl.constexpr):
+    offs, code_offs, mask, byte_mask = _first_step_offsets(Q, inner, row_bytes, T, BLOCK, OUTER)
+    # (T - 1) * inner and (T - 1) * row_bytes, from the host: T and inner may arrive as compile-time constants
+    offs += last_step_offset
+    grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptr + offs, code_ptr + code_offs + last_step_code_offset, grad_x_ptr + offs
     decay, height = tl.load(consts_ptr), tl.load(consts_ptr + 1)
     # -0 is the additive identity of every float (+0 is not): the last step adds nothing, as in the reference.
-    carry = tl.full([BLOCK], -0.0, ACC)
+    carry = tl.full([BLOCK // 4, 4], -0.0, ACC)
+    code = _unpack(tl.load(code_ptrs, mask=byte_mask, other=0))
     for i in range(T):  # t = T - 1 - i (a positive loop step: compiled loops count up)
-        code = tl.load(code_ptrs, mask=mask, other=0)
         g = tl.where((code & 2) != 0, tl.load(grad_ptrs, mask=mask, other=0).to(ACC) * height, 0.0) + carry
         tl.store(grad_x_ptrs, _cast(g, grad_x_ptrs.dtype.element_ty), mask=mask)
-        grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptrs - inner, code_ptrs - inner, grad_x_ptrs - inner
-        spiked_before = tl.load(code_ptrs, mask=mask & (i < T - 1), other=0) & 1
-        carry = tl.where(spiked_before != 0, 0.0, g * decay)
+        grad_ptrs, code_ptrs, grad_x_ptrs = grad_ptrs - inner, code_ptrs - row_bytes, grad_x_ptrs - inner
+        code = _unpack(tl.load(code_ptrs, mask=byte_mask & (i < T - 1), other=0))  # step t - 1's
+        carry = tl.where((code & 1) != 0, 0.0, g * decay)
 
 
-def _time_layout(t: torch.Tensor) -> tuple[int, int, int]:
-    """T, inner, outer of a dense tensor (models/csrc/lif_cpu.cpp's TimeLayout)."""
-    T = t.shape[0]
-    inner = t.stride(0) if T > 1 else t.numel()
-    return T, inner, t.numel() // (T * inner) if T * inner else 0
+@triton.jit
+def _code_spikes_kernel(code_ptr, out_ptr, Q, inner, row_bytes, BLOCK: tl.constexpr):
+    """out's memory, `inner` elements per row of the code: the spike bit as 0/1."""
+    q = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    i = 4 * (q % row_bytes)[:, None] + tl.arange(0, 4)[None, :]
+    byte_mask = q < Q
+    spikes = (_unpack(tl.load(code_ptr + q, mask=byte_mask, other=0)) & 1).to(tl.uint8)
+    tl.store(out_ptr + (q // row_bytes * inner)[:, None] + i, _cast(spikes.to(tl.float32), out_ptr.dtype.element_ty),
+             mask=byte_mask[:, None] & (i < inner))
 
 
 def _launch(kernel, tensors, consts, like: torch.Tensor, *extra) -> None:
     acc = torch.promote_types(like.dtype, torch.float32)
-    T, inner, outer = _time_layout(like)
-    M = inner * outer
-    if M == 0:
+    T, inner, outer = time_layout(like)
+    row_bytes = (inner + 3) // 4
+    Q = outer * row_bytes
+    if Q == 0:
         return
-    kernel[(triton.cdiv(M, _BLOCK),)](*tensors, _constants(tuple(consts), acc, like.device), T, M, inner, *extra,
-                                      BLOCK=_BLOCK, ACC=_TL_DTYPE[acc], OUTER=outer > 1, enable_fp_fusion=False)
+    kernel[(triton.cdiv(Q, _BLOCK // 4),)](*tensors, _constants(tuple(consts), acc, like.device), T, Q, inner,
+                                           row_bytes, *extra, BLOCK=_BLOCK, ACC=_TL_DTYPE[acc], OUTER=outer > 1,
+                                           enable_fp_fusion=False)
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,19 +157,29 @@ def lif_forward(x: torch.Tensor, decay: float, v_th: float, lens: float) -> tupl
     spikes = torch.empty_like(x)
     if x.stride() != spikes.stride():
         x = torch.empty_like(spikes).copy_(x)
-    code = torch.empty_like(spikes, dtype=torch.uint8)
+    code = x.new_empty(packed_code_shape(spikes), dtype=torch.uint8)
     _launch(_lif_forward_kernel, (x, spikes, code), [decay, v_th, lens], x)
     return spikes, code
 
 
-def lif_backward(grad_spikes: torch.Tensor, code: torch.Tensor, decay: float, lens: float) -> torch.Tensor:
-    torch.ops.deepspike.lif_backward_check(grad_spikes, code, decay, lens)
-    grad_x = torch.empty_like(code, dtype=grad_spikes.dtype)  # code's layout (x's), as lif_forward's
-    if code.stride() != grad_x.stride():
-        code = torch.empty_like(grad_x, dtype=torch.uint8).copy_(code)
+def lif_backward(grad_spikes: torch.Tensor, code: torch.Tensor, stride, decay: float, lens: float) -> torch.Tensor:
+    torch.ops.deepspike.lif_backward_check(grad_spikes, code, stride, decay, lens)
+    grad_x = grad_spikes.new_empty_strided(grad_spikes.shape, stride)  # x's layout, as lif_forward's spikes
     if grad_spikes.stride() != grad_x.stride():  # a copy only where autograd delivers another layout
         grad_spikes = torch.empty_like(grad_x).copy_(grad_spikes)
-    T, inner, _ = _time_layout(grad_x)
-    _launch(_lif_backward_kernel, (grad_spikes, code, grad_x), [decay, 1.0 / (2.0 * lens)], grad_spikes,
-            (T - 1) * inner)
+    T, inner, _ = time_layout(grad_x)
+    _launch(_lif_backward_kernel, (grad_spikes, code.contiguous(), grad_x), [decay, 1.0 / (2.0 * lens)],
+            grad_spikes, (T - 1) * inner, (T - 1) * ((inner + 3) // 4))
     return grad_x
+
+
+def lif_code_spikes(code: torch.Tensor, size, stride, dtype: torch.dtype) -> torch.Tensor:
+    torch.ops.deepspike.lif_code_spikes_check(code, size, stride, dtype)
+    out = code.new_empty_strided(size, stride, dtype=dtype)
+    row_bytes = code.shape[-1]
+    if out.numel() == 0:
+        return out
+    Q = code.numel()
+    _code_spikes_kernel[(triton.cdiv(Q, _BLOCK // 4),)](code, out, Q, out.numel() // (Q // row_bytes), row_bytes,
+                                                        BLOCK=_BLOCK)
+    return out

@@ -4,9 +4,9 @@ u_t = decay * u_{t-1} * (1 - s_{t-1}) + x_t,  s_t = [u_t > v_th],  u_0 = 0.
 
 The reset spike is detached (no gradient through the reset path); the rectangular surrogate is
 ds/du = 1 / (2 * lens) on |u - v_th| < lens. Backward therefore needs, per element and step, only two
-bits: whether the neuron spiked and whether u was inside the surrogate window. They are packed into
-one uint8 tensor, so the neuron saves 1 byte per element for backward (fp32 autograd through
-elementary ops saves ~5 tensors of 4 bytes). The membrane is accumulated in fp32 (or the input's dtype
+bits: whether the neuron spiked and whether u was inside the surrogate window. The op packs them 4 neurons to
+a byte (models/lif_op.py), so the neuron saves a quarter of a byte per element for backward (fp32 autograd
+through elementary ops saves ~5 tensors of 4 bytes). The membrane is accumulated in fp32 (or the input's dtype
 if wider), so bf16 autocast only changes the precision of the convolutions around it.
 
 Non-finite values: a NaN membrane (a NaN input current, or one earlier in the sequence) emits NaN spikes from that
@@ -90,8 +90,8 @@ class LIF(nn.Module):
         self.decay, self.v_th, self.lens = float(decay), float(v_th), float(lens)
 
     def forward(self, x: torch.Tensor, with_code: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Spikes, or with_code=True (spikes, code): the op's uint8 code, whose bit 0 is the spike, for a
-        models.spike_conv.SpikeConv2d to save instead of a copy of the spikes."""
+        """Spikes, or with_code=True (spikes, code): the op's packed code, which holds the spikes, for a
+        models.spike_conv.SpikeConv2d to save instead of a copy of them (models.lif_op.unpack_code reads it)."""
         spikes, code = torch.ops.deepspike.lif(x, self.decay, self.v_th, self.lens)
         return (spikes, code) if with_code else spikes
 

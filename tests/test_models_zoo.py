@@ -227,8 +227,8 @@ def _train_step_bits(model, x):
 
 @pytest.mark.parametrize("name", ["ms_resnet20", "spiking_resnet20", "sew_resnet20"])
 def test_spike_convs_save_the_lif_code_exactly_and_without_a_copy(name, monkeypatch):
-    """A spike conv fed by a LIF saves that LIF's code tensor (bit 0 = spike) instead of casting its input to
-    uint8: the same bits in output and every gradient, and one byte per input element less saved."""
+    """A spike conv fed by a LIF saves that LIF's packed code (which holds the spikes) instead of casting its input
+    to uint8: the same bits in output and every gradient, and one byte per input element less saved."""
     from models.spike_conv import SpikeConv2d
 
     torch.manual_seed(0)

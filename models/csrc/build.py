@@ -4,6 +4,8 @@
 data.window_decode).
 
     python models/csrc/build.py        # with the project's venv; make test / make demo run it
+    python models/csrc/build.py --build-lib DIR   # into DIR instead (put DIR first on PYTHONPATH): arguments
+                                                  # go on to build_ext after the defaults, and later ones win
 
 The library is built once by the install (Makefile, cluster/Dockerfile), never JIT-compiled at run time.
 It goes into site-packages rather than the source tree because Ray ships a job's working directory
