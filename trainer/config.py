@@ -90,6 +90,12 @@ class EngineConfig:
     device: str = "auto"
     """'auto' (this rank's GPU where torch finds GPUs, else the CPU), 'cpu', 'cuda' (stop at start-up when this
     rank's GPU is missing: the launchers set it for GPU workers) or 'cuda:K' (that GPU; what Ray Train assigned)."""
+    channels_last: bool = False
+    """Run the convolutions channels_last (NHWC): conv weights and each input batch laid out so on the training
+    device, the [T, N, C, H, W] activations as [T*N, H, W, C] buffers (models/layout.py, docs/model.md §12).
+    Values are the same; only the conv kernels differ. CPU (oneDNN, bench.models' ds_channels_last rows): PENDING.
+    CUDA: cuDNN's bf16/fp16 tensor-core convs are NHWC kernels, so channels_last is the usual win there, but it
+    has not been timed on a GPU here: measure before turning it on for GPU runs."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms on the first steps and keep the fastest (training shapes are
     fixed); false for runs that must repeat bit for bit."""
