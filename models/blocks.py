@@ -61,12 +61,14 @@ class _Subsample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: int) -> torch.Tensor:
-        ctx.s, ctx.like = s, torch.empty_like(x, device="meta")  # x's shape and (dense) layout, no data
+        # x's dims from the outermost in memory; a broadcast dim (stride 0) counts as the outermost.
+        ctx.s, ctx.shape = s, x.shape
+        ctx.order = sorted(range(x.dim()), key=lambda d: -x.stride(d) if x.stride(d) else -float("inf"))
         return x[..., ::s, ::s].clone(memory_format=torch.preserve_format)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_x = torch.zeros_like(ctx.like, dtype=grad.dtype, device=grad.device)
+        grad_x = torch.empty_permuted(ctx.shape, ctx.order, dtype=grad.dtype, device=grad.device).zero_()
         grad_x[..., :: ctx.s, :: ctx.s] = grad
         return grad_x, None
 
