@@ -6,6 +6,10 @@
 Rows (one fresh subprocess each, so peak RSS and compile caches don't leak between rows):
   ds_fp32      deepspike, fp32
   ds_default   deepspike, bf16 autocast (the trainer's default precision)
+  ds_channels_last, ds_fp32_channels_last
+               ds_default and ds_fp32 with engine.channels_last's layout (models.layout.use_channels_last: NHWC
+               weights, the batch laid out NHWC as it enters the model); each is compared with its
+               contiguous row of the same run
   sj_eager     the same architecture from SpikingJelly 2.0 multi-step layers (bench.peers)
   sj_compiled  the same, whole model under torch.compile (default mode; how SpikingJelly's own trainer
                compiles), reset_net outside the compiled region; compilation happens in the warm-up steps
@@ -81,11 +85,16 @@ CONFIGS = {
 ROWS = {
     "ds_fp32": "deepspike fp32",
     "ds_default": "deepspike default (bf16)",
+    "ds_channels_last": "deepspike bf16 channels_last",
+    "ds_fp32_channels_last": "deepspike fp32 channels_last",
     "sj_eager": "SpikingJelly 2.0 eager",
     "sj_compiled": "SpikingJelly 2.0 compiled",
     "per_step": "per-timestep loop (authors)",
 }
 SJ_ROWS = ("sj_eager", "sj_compiled")
+BF16_ROWS = ("ds_default", "ds_channels_last")
+CHANNELS_LAST_ROWS = {"ds_channels_last": "ds_default", "ds_fp32_channels_last": "ds_fp32"}
+"""channels_last row -> the contiguous row it is compared with."""
 TARGETS = {"ds_default": 2.0, "ds_fp32": 1.2}
 MEMORY_TARGET = 0.5
 LIF_SHARE_TARGET = 10.0  # percent of the profiled step
@@ -96,7 +105,9 @@ def build(cfg: Config, row: str) -> nn.Module:
     kw = dict(num_classes=cfg.num_classes, T=cfg.T)
     if row.startswith("ds_"):
         from models import create_model
-        return create_model(cfg.model, **kw)
+        from models.layout import use_channels_last
+        model = create_model(cfg.model, **kw)
+        return use_channels_last(model) if row in CHANNELS_LAST_ROWS else model
     from bench import peers
     if row == "per_step":
         return peers.build_per_timestep_model(cfg.model, **kw)
@@ -151,7 +162,7 @@ def make_step(cfg: Config, row: str, model: nn.Module):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, generator=g)
     y = torch.randint(cfg.num_classes, (cfg.batch,), generator=g)
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if row == "ds_default" else nullcontext()
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if row in BF16_ROWS else nullcontext()
 
     def step(saved: SavedBytes | None = None) -> None:
         if row in SJ_ROWS:
@@ -336,6 +347,10 @@ def report(cfg: Config, rows: list[dict], fp32_min: int, check: str, lif_lines: 
                      f"{_ratio_mark(by[k]['images_per_s'] / best_speed, TARGETS[k], True)};  "
                      f"saved <= {MEMORY_TARGET}x min SJ: "
                      f"{_ratio_mark(by[k]['saved_per_sample_step'] / least_saved, MEMORY_TARGET, False)}")
+    layouts = [f"{ROWS[k]} {by[k]['images_per_s'] / by[c]['images_per_s']:.2f}x"
+               for k, c in CHANNELS_LAST_ROWS.items() if k in by and c in by]
+    if layouts:
+        lines.append(f"   channels_last vs contiguous, img/s: {', '.join(layouts)}")
     return [*lines, lif_lines.rstrip("\n")]
 
 
