@@ -93,9 +93,11 @@ class EngineConfig:
     channels_last: bool = False
     """Run the convolutions channels_last (NHWC): conv weights and each input batch laid out so on the training
     device, the [T, N, C, H, W] activations as [T*N, H, W, C] buffers (models/layout.py, docs/model.md §12).
-    Values are the same; only the conv kernels differ. CPU (oneDNN, bench.models' ds_channels_last rows): PENDING.
-    CUDA: cuDNN's bf16/fp16 tensor-core convs are NHWC kernels, so channels_last is the usual win there, but it
-    has not been timed on a GPU here: measure before turning it on for GPU runs."""
+    Values are the same up to the conv kernels' summation order. Off by default: on the CPU (oneDNN) the bf16
+    default ran slower channels_last (MS-ResNet-18 @ 64 px: 0.86x img/s; fp32 1.13x; bench.models'
+    ds_channels_last rows, 2 shared cores at load 15-17, noisy). CUDA: cuDNN's bf16/fp16 tensor-core convs are
+    NHWC kernels, so channels_last is the usual win there, but no GPU has timed it here: measure (bench.models
+    rows on a GPU, or bench/gpu_check) before turning it on for GPU runs."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms on the first steps and keep the fastest (training shapes are
     fixed); false for runs that must repeat bit for bit."""
