@@ -6,6 +6,10 @@
 Rows (one fresh subprocess each, so peak RSS and compile caches don't leak between rows):
   ds_fp32      deepspike, fp32
   ds_default   deepspike, bf16 autocast (the trainer's default precision)
+  ds_channels_last, ds_fp32_channels_last
+               ds_default and ds_fp32 with engine.channels_last's layout (models.layout.use_channels_last: NHWC
+               weights, the batch laid out NHWC as it enters the model); each is compared with its
+               contiguous row of the same run
   sj_eager     the same architecture from SpikingJelly 2.0 multi-step layers (bench.peers); fp32, as every
                SpikingJelly row
   sj_compiled  the same, whole model under torch.compile (default mode; how SpikingJelly's own trainer
@@ -98,12 +102,17 @@ CONFIGS = {
 ROWS = {
     "ds_fp32": "deepspike fp32",
     "ds_default": "deepspike default (bf16)",
+    "ds_channels_last": "deepspike bf16 channels_last",
+    "ds_fp32_channels_last": "deepspike fp32 channels_last",
     "sj_eager": "SpikingJelly 2.0 eager",
     "sj_compiled": "SpikingJelly 2.0 compiled",
     "sj_memopt": "SpikingJelly 2.0 memopt",
     "per_step": "per-timestep loop (authors)",
 }
 SJ_ROWS = ("sj_eager", "sj_compiled", "sj_memopt")
+BF16_ROWS = ("ds_default", "ds_channels_last")
+CHANNELS_LAST_ROWS = {"ds_channels_last": "ds_default", "ds_fp32_channels_last": "ds_fp32"}
+"""channels_last row -> the contiguous row it is compared with."""
 TARGETS = {"ds_default": 2.5, "ds_fp32": 1.5}
 MEMORY_TARGET = 0.5
 NON_CONV_SHARE_TARGET = 20.0  # percent of the profiled step
@@ -114,7 +123,9 @@ def build(cfg: Config, row: str) -> nn.Module:
     kw = dict(num_classes=cfg.num_classes, T=cfg.T)
     if row.startswith("ds_"):
         from models import create_model
-        return create_model(cfg.model, **kw)
+        from models.layout import use_channels_last
+        model = create_model(cfg.model, **kw)
+        return use_channels_last(model) if row in CHANNELS_LAST_ROWS else model
     from bench import peers
     if row == "per_step":
         return peers.build_per_timestep_model(cfg.model, **kw)
@@ -174,7 +185,7 @@ def make_step(cfg: Config, row: str, model: nn.Module):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, generator=g)
     y = torch.randint(cfg.num_classes, (cfg.batch,), generator=g)
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if row == "ds_default" else nullcontext()
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if row in BF16_ROWS else nullcontext()
 
     def step(saved: SavedBytes | None = None, measure_held: bool = False) -> int:
         """One training step; with measure_held, returns the resident-set growth across forward + loss."""
@@ -397,6 +408,10 @@ def report(cfg: Config, rows: list[dict], fp32_min: int, check: str, lif_lines: 
                      f"{MEMORY_TARGET}x the leanest SJ ({leanest['label']}): "
                      f"{_ratio_mark(r['held_per_sample_step'] / least_held, MEMORY_TARGET, False)} "
                      f"at img/s >= its: {_ratio_mark(faster, 1.0, True)}")
+    layouts = [f"{ROWS[k]} {by[k]['images_per_s'] / by[c]['images_per_s']:.2f}x"
+               for k, c in CHANNELS_LAST_ROWS.items() if k in by and c in by]
+    if layouts:
+        lines.append(f"   channels_last vs contiguous, img/s: {', '.join(layouts)}")
     return [*lines, lif_lines.rstrip("\n")]
 
 

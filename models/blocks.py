@@ -38,8 +38,39 @@ def spike_conv3x3(cin: int, cout: int, stride: int = 1) -> SpikeConv2d:
 def folded(fn: Callable[..., torch.Tensor], x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
     """Apply a per-image op to every time step of x [T, N, ...] (and of tensors of x's shape beside it) in one
     call."""
-    y = fn(*(t.flatten(0, 1) for t in (x, *more)))
+    y = fn(*(fold(t) for t in (x, *more)))
     return y.unflatten(0, x.shape[:2])
+
+
+def fold(x: torch.Tensor) -> torch.Tensor:
+    """x [T, N, ...] as [T*N, ...]: a view where x's strides allow one, else a copy in x's own layout (a stem
+    output broadcast over T, stride 0). reshape would copy into the contiguous layout and turn a channels_last
+    sequence (models/layout.py) into an NCHW batch."""
+    if x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) != x.shape[1] * x.stride(1):
+        x = x.clone(memory_format=torch.preserve_format)
+    return x.flatten(0, 1)
+
+
+class _Subsample(torch.autograd.Function):
+    """x[..., ::s, ::s] as a copy in x's layout, whose gradient is laid out like x too.
+
+    A copy, not a view: the conv after it saves its input, and a view would keep the whole block input alive.
+    Autograd's own backward of the slice scatters into a contiguous zero tensor, which in a channels_last network
+    (models/layout.py) would hand the residual path an NCHW gradient that every conv on it then reads through a
+    copy. The backward is made of differentiable ops, so double backward (analysis.gradnorm) goes through it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: int) -> torch.Tensor:
+        # x's dims from the outermost in memory; a broadcast dim (stride 0) counts as the outermost.
+        ctx.s, ctx.shape = s, x.shape
+        ctx.order = sorted(range(x.dim()), key=lambda d: -x.stride(d) if x.stride(d) else -float("inf"))
+        return x[..., ::s, ::s].clone(memory_format=torch.preserve_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = torch.empty_permuted(ctx.shape, ctx.order, dtype=grad.dtype, device=grad.device).zero_()
+        grad_x[..., :: ctx.s, :: ctx.s] = grad
+        return grad_x, None
 
 
 class Shortcut(nn.Module):
@@ -48,7 +79,8 @@ class Shortcut(nn.Module):
     kind='conv': strided 1x1 conv -> tdBN (MS-ResNet-18/34, baselines). A strided 1x1 conv reads only
     every s-th pixel, so it is computed as a subsample followed by a 1x1 conv (same numbers, less work). The
     subsample is taken on the [T, N, ...] input before folding: a static image's stem output arrives broadcast
-    over T (stride 0, nothing materialised), and only the subsampled 1/s^2 of it is then materialised.
+    over T (stride 0, nothing materialised), and only the subsampled 1/s^2 of it is then materialised
+    (`_Subsample`).
     kind='pool': AvgPool 2x2 -> 1x1 conv -> tdBN (MS-ResNet-104 and the CIFAR family; always 2x2, as in
     the authors' code, even when only the channel count changes).
     """
@@ -64,15 +96,11 @@ class Shortcut(nn.Module):
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "pool":
             x = F.avg_pool2d(x, 2, 2)
-        elif not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            # A copy of the subsample, not a view: the conv saves its input, and a view would keep the whole
-            # block input alive. preserve_format keeps a channels_last input channels_last.
-            x = x.clone(memory_format=torch.preserve_format)
         return self.bn(self.conv(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "conv" and self.stride > 1:
-            x = x[..., :: self.stride, :: self.stride]
+            x = _Subsample.apply(x, self.stride)
         return folded(self._project, x)
 
 

@@ -12,13 +12,27 @@ n/(n-1) with n = N*H*W instead of T*N*H*W (relative difference below 1/(N*H*W)).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
+from functools import partial, reduce
 
 import torch
 from torch import nn
 
 from models.blocks import BLOCKS, folded, td_bn
 from models.neuron import LIF
+
+
+class _OverTime(torch.autograd.Function):
+    """x [N, ...] broadcast over T steps, a view (nothing materialised), whose gradient, the sum over the steps,
+    is laid out like the incoming one. Autograd's own sum of an expand comes out contiguous: in a channels_last
+    network (models/layout.py) the stem's BN and conv would get an NCHW gradient and read it through copies."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, T: int) -> torch.Tensor:
+        return x.unsqueeze(0).expand(T, *x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return reduce(torch.add, grad.unbind(0)), None
 
 
 class SpikingResNet(nn.Module):
@@ -87,7 +101,7 @@ class SpikingResNet(nn.Module):
     def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] (static) or [T, N, C, H, W] -> stem output [T, N, C', H', W']."""
         if x.dim() == 4:
-            out = self._stem(x).unsqueeze(0).expand(self.T, *([-1] * 4))
+            out = _OverTime.apply(self._stem(x), self.T)
         elif x.dim() == 5:
             out = folded(self._stem, x)
         else:

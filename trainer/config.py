@@ -90,6 +90,15 @@ class EngineConfig:
     device: str = "auto"
     """'auto' (this rank's GPU where torch finds GPUs, else the CPU), 'cpu', 'cuda' (stop at start-up when this
     rank's GPU is missing: the launchers set it for GPU workers) or 'cuda:K' (that GPU; what Ray Train assigned)."""
+    channels_last: bool = False
+    """Run the convolutions channels_last (NHWC): conv weights and each input batch laid out so on the training
+    device, the [T, N, C, H, W] activations as [T*N, H, W, C] buffers (models/layout.py, docs/model.md §12).
+    Values are the same up to the conv kernels' summation order. Off by default: on the CPU (oneDNN) the bf16
+    default's figures disagree (channels_last vs contiguous img/s, bench.models' ds_channels_last rows on 2 shared
+    cores: MS-ResNet-18 @ 64 px 0.86x at load 15-17, CIFAR MS-ResNet-56 1.67x at load 4-7; fp32 1.13x / 1.14x);
+    rerun them on a quiet machine before changing it. CUDA: cuDNN's bf16/fp16 tensor-core convs are
+    NHWC kernels, so channels_last is the usual win there, but no GPU has timed it here: measure (bench.models
+    rows on a GPU, or bench/gpu_check) before turning it on for GPU runs."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms on the first steps and keep the fastest (training shapes are
     fixed); false for runs that must repeat bit for bit."""

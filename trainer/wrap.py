@@ -1,7 +1,7 @@
 """The one step that turns a single-device model into a training engine, in a fixed order:
 
 SyncBN conversion -> activation checkpointing (residual blocks or segments of them) -> optional compile ->
-deepspeed.initialize with SGD and the learning-rate schedule.
+deepspeed.initialize with SGD and the learning-rate schedule -> optional channels_last layout.
 
 Model code never knows about any of this.
 """
@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed import _functional_collectives as funcol
 from torch.utils.checkpoint import checkpoint
 
+from models.layout import use_channels_last
 from models.protocol import SpikingNetwork
 from trainer.batch_setting import BatchSetting
 from trainer.config import OptimConfig, TrainConfig
@@ -193,4 +194,10 @@ def wrap(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], batch: B
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, total_steps, steps_per_epoch))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    if cfg.engine.channels_last:
+        # After initialize: its start-up broadcast views every parameter as bytes, which an NHWC weight refuses.
+        # From ZeRO stage 1 on the parameters are views into DeepSpeed's flat (NCHW) buffers and stay so; the NHWC
+        # input alone then sets the conv layout (oneDNN and cuDNN run NHWC when the input or the weight is).
+        # A compiled model traces on its first call, after this.
+        use_channels_last(model, weights=cfg.engine.zero_stage == 0)
     return engine
