@@ -43,7 +43,7 @@ $(OPS): models/csrc/lif_cpu.cpp dataloaders/csrc/jpeg_window.c models/csrc/build
 
 test: $(STAMP) $(OPS)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 demo: $(STAMP) $(OPS)
 	$(PY) -m launch.demo
