@@ -93,10 +93,10 @@ class EngineConfig:
     channels_last: bool = False
     """Run the convolutions channels_last (NHWC): conv weights and each input batch laid out so on the training
     device, the [T, N, C, H, W] activations as [T*N, H, W, C] buffers (models/layout.py, docs/model.md §12).
-    Values are the same up to the conv kernels' summation order. Off by default: on the CPU (oneDNN) the bf16
-    default's figures disagree (channels_last vs contiguous img/s, bench.models' ds_channels_last rows on 2 shared
-    cores: MS-ResNet-18 @ 64 px 0.86x at load 15-17, CIFAR MS-ResNet-56 1.67x at load 4-7; fp32 1.13x / 1.14x);
-    rerun them on a quiet machine before changing it. CUDA: cuDNN's bf16/fp16 tensor-core convs are
+    Values are the same up to the conv kernels' summation order. On the CPU (oneDNN) it is as fast or faster
+    (channels_last vs contiguous img/s, bench.models' ds_channels_last rows, quiet 2-core machine: bf16 0.99x on
+    MS-ResNet-18 @ 64 px and 1.09x on CIFAR MS-ResNet-56, fp32 1.07x / 1.16x), but off by default: resuming a
+    checkpoint and multi-rank runs have not been tested with it. CUDA: cuDNN's bf16/fp16 tensor-core convs are
     NHWC kernels, so channels_last is the usual win there, but no GPU has timed it here: measure (bench.models
     rows on a GPU, or bench/gpu_check) before turning it on for GPU runs."""
     cudnn_benchmark: bool = True
