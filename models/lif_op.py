@@ -8,7 +8,7 @@ CPU-only processes never import triton).
 
 code is what backward needs, 2 bits per neuron and step (bit 0 = the neuron spiked, bit 1 = u was inside the
 surrogate window), packed 4 neurons to a byte: a contiguous uint8 tensor [outer, T, ceil(inner / 4)] in the time
-layout of x (`time_layout`; the bit layout is described once, at TimeLayout in models/csrc/lif_cpu.cpp). The
+layout of x (`models.code_layout`; the bit layout is described once, at TimeLayout in models/csrc/lif_cpu.cpp). The
 kernels write it packed and unpack it where they read it:
   lif_backward(grad_spikes, code, stride, decay, lens)  the input gradient, in the layout `stride` (x's);
   lif_code_spikes(code, size, stride, dtype)            the spikes as a 0/1 tensor of dtype of that size and stride
@@ -30,9 +30,10 @@ lif_backward takes that layout as `stride` (the spikes' strides), since the pack
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
+
+from models.code_layout import packed_code_shape, unpack_code
 
 try:
     import deepspike_ops  # noqa: F401  (importing it registers the ops)
@@ -47,35 +48,6 @@ except ImportError as e:
 def check_constants(decay: float, v_th: float, lens: float) -> None:
     """The op's check of its constants, for callers that hold them before any tensor (models.neuron.LIF)."""
     torch.ops.deepspike.lif_check(torch.empty(1, device="meta"), decay, v_th, lens)
-
-
-def time_layout(t: torch.Tensor) -> tuple[int, int, int]:
-    """T, inner, outer of a dense tensor (models/csrc/lif_cpu.cpp's TimeLayout): the dims laid out inside the time
-    dim form `inner` consecutive elements, those outside it repeat the [T, inner] block `outer` times."""
-    T = t.shape[0]
-    inner = t.stride(0) if T > 1 else t.numel()
-    return T, inner, t.numel() // (T * inner) if T * inner else 0
-
-
-def packed_code_shape(t: torch.Tensor) -> tuple[int, int, int]:
-    """The shape of the packed code of the dense tensor t: [outer, T, ceil(inner / 4)]."""
-    T, inner, outer = time_layout(t)
-    return outer, T, (inner + 3) // 4
-
-
-_SHIFTS = (0, 2, 4, 6)  # neuron k of a byte sits in bits 2k, 2k + 1
-
-
-def unpack_code(code: torch.Tensor, size, stride) -> torch.Tensor:
-    """The uint8 code per neuron (bit 0 spiked, bit 1 inside the window) of the packed `code`, as a tensor of this
-    size and stride (the spikes'), in PyTorch ops."""
-    numel = math.prod(size)
-    row_bytes = code.shape[-1]
-    rows = code.numel() // row_bytes if row_bytes else 0
-    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=code.device)
-    per_neuron = (code.reshape(rows, row_bytes, 1) >> shifts) & 3  # [rows, row_bytes, 4], in memory order
-    memory = per_neuron.reshape(rows, 4 * row_bytes)[:, : numel // rows if rows else 0].contiguous()
-    return memory.as_strided(size, stride)  # (as_strided indexes the storage: memory must own it densely)
 
 
 @torch.library.register_fake("deepspike::lif")

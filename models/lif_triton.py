@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from models.lif_op import packed_code_shape, time_layout
+from models.code_layout import packed_code_shape, time_layout
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 

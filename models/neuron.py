@@ -91,7 +91,7 @@ class LIF(nn.Module):
 
     def forward(self, x: torch.Tensor, with_code: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Spikes, or with_code=True (spikes, code): the op's packed code, which holds the spikes, for a
-        models.spike_conv.SpikeConv2d to save instead of a copy of them (models.lif_op.unpack_code reads it)."""
+        models.spike_conv.SpikeConv2d to save instead of a copy of them (models.code_layout.unpack_code reads it)."""
         spikes, code = torch.ops.deepspike.lif(x, self.decay, self.v_th, self.lens)
         return (spikes, code) if with_code else spikes
 

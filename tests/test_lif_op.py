@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from models import create_model, lif_sequence
-from models.lif_op import packed_code_shape, unpack_code
+from models.code_layout import packed_code_shape, unpack_code
 from models.neuron import lif_sequence_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +168,7 @@ def test_whole_ms_resnet_traces_through_the_op_without_graph_breaks(one_thread):
 TRITON_CHECK = textwrap.dedent("""
     import torch
     from models import lif_triton
-    from models.lif_op import unpack_code
+    from models.code_layout import unpack_code
     from models.neuron import lif_sequence_reference
     from tests.test_lif_op import (CONSTANTS, DTYPES, SHAPES, _bits, _inputs, _layouts, _nan_inputs, _nan_semantics,
                                    _ref_code, _run)
