@@ -194,6 +194,10 @@ class LocalCluster:
               "dashboard": f"http://{head}:{ports['head']['dashboard-port']}", "mlflow": mlflow_uri,
               "mlflow_backend": mlflow_backend, "auth_token_path": str(token), "ports": ports, "pgids": {},
               "argv": {}, "env": {}}
+        # Ray processes that look their cluster up with address "auto" (Ray Train's placement-group cleaner
+        # does) refuse to choose when another cluster runs on this machine (the demo's beside a test's, or two
+        # users' clusters): every process a node starts is told its own.
+        env["RAY_ADDRESS"] = st["ray_address"]
         common = ["--object-store-memory=200000000", "--disable-usage-stats"]
         try:
             # MLflow starts beside the Ray nodes (its start-up is mostly imports). The nodes start one by
