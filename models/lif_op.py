@@ -15,7 +15,7 @@ kernels write it packed and unpack it where they read it:
                                                         (models/spike_conv.py's weight gradient); the code's rows
                                                         are laid over that tensor's memory, so it may be a dense
                                                         view of the spikes with other dims (time folded into N);
-  unpack_code(code, size, stride)                       the uint8 code per neuron, in PyTorch ops (analysis, tests).
+  models.code_layout.unpack_code(code, size, stride)    the uint8 code per neuron, in PyTorch ops (analysis, tests).
 
 Arguments are checked once, in C++ (torch.ops.deepspike.lif_check / lif_backward_check / lif_code_spikes_check), by
 every kernel, so a bad call raises the same error on every device and under tracing: decay in [0, 1], v_th finite,

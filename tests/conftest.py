@@ -28,7 +28,6 @@ def device(request):
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-
 # The cluster/local.sh clusters that test modules share for the whole run: starting one (3 Ray nodes and
 # MLflow) takes longer than most of the tests run on it. A module that kills a node leaves it dead; the next
 # module's fixture restarts it with `cluster/local.sh up`, as a user would.
