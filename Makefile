@@ -41,9 +41,13 @@ $(OPS): models/csrc/lif_cpu.cpp dataloaders/csrc/jpeg_window.c models/csrc/build
 	$(PY) models/csrc/build.py
 	touch $(OPS)
 
+# Two pytest-xdist workers: on 2 cores one worker left 20-50 % of the CPU idle (the cluster tests wait on Ray
+# and on their jobs); tests/conftest.py makes each module one unit of work and the cluster tests another.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(OPS)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=20 tests
 
 demo: $(STAMP) $(OPS)
 	$(PY) -m launch.demo

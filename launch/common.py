@@ -53,7 +53,8 @@ MAX_FAILURES = 3
 NODE_WAIT_S = float(os.environ.get("DEEPSPIKE_NODE_WAIT_S", 180))
 # How often a healthy elastic run checks whether more nodes fit (Ray's default, 60 s): growing restarts
 # the group from the newest checkpoint, so more often would recompute more steps.
-RESIZE_CHECK_S = 60
+# $DEEPSPIKE_RESIZE_CHECK_S overrides it.
+RESIZE_CHECK_S = float(os.environ.get("DEEPSPIKE_RESIZE_CHECK_S", 60))
 REFS, REF_FILE = "ray_refs", "checkpoint.json"
 
 

@@ -64,11 +64,13 @@ class Cluster:
         self.state_api = StateApiClient(state["dashboard"], headers=auth_headers(state))
 
     def submit(self, name: str, *args: str, nodes: int = 2, working_dir: bool = False,
-               launcher: str = "launch/cifar10.py") -> str:
-        """`ray job submit --no-wait [--working-dir .] -- python LAUNCHER --nodes N ...`; returns the id."""
+               launcher: str = "launch/cifar10.py", env: dict[str, str] | None = None) -> str:
+        """`ray job submit --no-wait [--working-dir .] [--runtime-env-json '{"env_vars": ENV}'] -- python
+        LAUNCHER --nodes N ...`; returns the id."""
         sid = f"{name}-{time.monotonic_ns()}"
         cmd = [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", sid,
-               *(["--working-dir", "."] if working_dir else []), "--",
+               *(["--working-dir", "."] if working_dir else []),
+               *(["--runtime-env-json", json.dumps({"env_vars": env})] if env else []), "--",
                "python", launcher, "--nodes", str(nodes), "--data", str(self.data),
                "--storage", str(self.storage), "--run-name", name, *args]
         subprocess.run(cmd, cwd=ROOT, env=self.env, check=True, capture_output=True, timeout=120)

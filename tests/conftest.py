@@ -1,5 +1,8 @@
 """Shared test fixtures."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,11 +34,46 @@ def device(request):
 # The cluster/local.sh clusters that test modules share for the whole run: starting one (3 Ray nodes and
 # MLflow) takes longer than most of the tests run on it. A module that kills a node leaves it dead; the next
 # module's fixture restarts it with `cluster/local.sh up`, as a user would.
+CLUSTERS = {"default_cluster", "shared_cluster"}
+# The modules whose tests use them: pytest-xdist's controller, which schedules the tests, sees test ids only.
+CLUSTER_MODULES = {"test_journey", "test_faults_node_loss", "test_cluster_local", "test_launch_ray"}
+
+
 def pytest_collection_modifyitems(items):
-    """The tests on the shared clusters run last, first those on the default cluster alone (test_journey,
-    which wants it fresh), then those on the job cluster: each cluster starts for the first test that uses
-    it and stops at the end of the run, instead of idling through the tests that do not use it."""
-    items.sort(key=lambda item: ("shared_cluster" in item.fixturenames, "default_cluster" in item.fixturenames))
+    """The tests on the shared clusters run together, first those on the default cluster alone (test_journey,
+    which wants it fresh), then those on the job cluster.
+
+    Run by one process, they come last: each cluster starts for the first test that uses it and stops at the
+    end of the run, instead of idling through the tests that do not use it. On pytest-xdist workers (`make
+    test`) they come first: they are the longest unit of work (pytest_xdist_make_scheduler below), so one
+    worker starts on them while the other takes the modules."""
+    on_worker = "PYTEST_XDIST_WORKER" in os.environ
+
+    def on_cluster(item) -> bool:
+        return bool(CLUSTERS & set(item.fixturenames))
+
+    strays = {item.path.stem for item in items if on_cluster(item)} - CLUSTER_MODULES
+    if strays:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(strays)} to CLUSTER_MODULES")
+    items.sort(key=lambda item: (on_cluster(item) != on_worker, "shared_cluster" in item.fixturenames))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which the GPU check's venv does not have
+def pytest_xdist_make_scheduler(config, log):
+    """With --dist loadscope: each module is one unit of work, so that its module fixtures run once, and the
+    cluster modules are one unit together, so that one worker starts the shared clusters once. (xdist's own
+    --dist loadgroup does this with marks, but it renames items through an attribute pytest 9 no longer
+    reads, so its groups are silently ignored.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndClusters(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "clusters" if Path(module).stem in CLUSTER_MODULES else module
+
+    return ModulesAndClusters(config, log)
 
 
 @pytest.fixture(scope="session")

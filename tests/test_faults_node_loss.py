@@ -13,7 +13,6 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,9 +29,11 @@ from trainer.recipes import get_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 # Checkpoints every 10 steps, so a kill after step 20 lands between two saves; every step is logged so the
-# step reached at the kill is known to the step. 400 steps (~0.2 s each here) outlast the 60 s after which
-# the shrunk group looks for nodes again, so the run also grows back.
-STEPS = 400
+# step reached at the kill is known to the step. The shrunk group looks for nodes again every RESIZE_CHECK_S
+# (15 s here instead of 60 s); 300 steps (~0.2 s each here) outlast the node's restart and that check, so
+# the run also grows back.
+STEPS = 300
+RESIZE_CHECK = {"DEEPSPIKE_RESIZE_CHECK_S": "15"}
 RUN = ["--recipe", "digits_tiny", "--set", f"optim.max_steps={STEPS}", "optim.global_batch=8", "data.batch_size=4",
        "checkpoint.every_steps=10", "checkpoint.keep_last=2", "log_every=1", "engine.precision=fp32"]
 
@@ -100,7 +101,7 @@ def test_node_loss_run_goes_on_with_the_node_left_and_up_restarts_only_the_dead_
     cluster, local = cluster
     run = cluster.storage / "lost"
     try:
-        sid = cluster.submit("lost", *RUN)
+        sid = cluster.submit("lost", *RUN, env=RESIZE_CHECK)
     except subprocess.CalledProcessError as e:  # e.g. another cluster holds the dashboard agent's port
         pytest.fail(f"ray job submit failed: {e.stderr.decode()[-2000:]}")
     # Mid-interval: steps 21-25 are done but not saved.
@@ -149,12 +150,7 @@ def test_node_loss_run_goes_on_with_the_node_left_and_up_restarts_only_the_dead_
     assert set(range(1, STEPS + 1)) <= set(steps)
 
     # Below --min-nodes the run fails within a bound, with one message, instead of waiting for ever.
-    sid = f"short-{time.monotonic_ns()}"
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait", "--submission-id", sid,
-                    "--runtime-env-json", json.dumps({"env_vars": {"DEEPSPIKE_NODE_WAIT_S": "15"}}), "--",
-                    "python", "launch/cifar10.py", "--nodes", "2", "--min-nodes", "2", "--data", str(cluster.data),
-                    "--storage", str(cluster.storage), "--run-name", "short", *RUN],
-                   cwd=ROOT, env=cluster.env, check=True, capture_output=True, timeout=120)
+    sid = cluster.submit("short", "--min-nodes", "2", *RUN, env={"DEEPSPIKE_NODE_WAIT_S": "15"})
     short = cluster.storage / "short"
     assert cluster.wait(sid, until=lambda: newest_step(short) >= 10) == JobStatus.RUNNING, cluster.logs(sid)[-3000:]
     killed_at = time.monotonic()

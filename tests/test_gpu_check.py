@@ -120,12 +120,11 @@ def test_ray_stage_submits_kills_and_resumes_a_job_where_ray_is_installed(tmp_pa
     assert proc.returncode == 0, proc.stdout[-5000:]
     r = json.loads((out / "gpu_check.json").read_text())
     ray = r["stages"]["ray"]["result"]
-    assert [run["precision"] for run in ray["runs"]] == ["bf16", "fp16"]
+    assert [run["precision"] for run in ray["runs"]] == ["bf16"]  # no fp16 on a CPU
     for run in ray["runs"]:
         assert "error" not in run, run
         assert run["uninterrupted"]["final_step"] == run["killed"]["final_step"] == run["steps"] == 8
         assert run["uninterrupted"]["worker_groups"] == 1 and run["killed"]["worker_groups"] == 2
         assert 4 <= run["killed"]["resumed_from_step"] < 8
         assert run["weights"]["bitwise_equal"] and run["weights"]["max_abs_diff"] == 0
-    assert ray["runs"][1]["ran_as"] == "fp32" and ray["runs"][1]["fp16"].startswith("substituted on CPU")
-    assert (out / "ray_logs/job-fp16-killed.log").is_file()
+    assert (out / "ray_logs/job-bf16-killed.log").is_file()

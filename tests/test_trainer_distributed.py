@@ -202,10 +202,12 @@ def test_resume_on_one_rank_keeps_global_batch(runs):
         mine = _weights(one[f"z{zero}"]["checkpoint"])
         # The 1-rank step must reproduce the 2-rank update up to float summation order. Without the
         # momentum (resharded from the two ZeRO shards for zero=2) or with the wrong samples, the
-        # difference would be of the order of the update itself.
+        # difference would be of the order of the update itself. Summation order alone can move a
+        # membrane across the threshold and flip a spike: 2.5e-4 on an AMD EPYC (AVX2), under 1e-4 on
+        # the machines this suite ran on before.
         num = sum(((mine[k] - after[k]).double() ** 2).sum() for k in after if after[k].is_floating_point())
         den = sum(((after[k] - before[k]).double() ** 2).sum() for k in after if after[k].is_floating_point())
-        assert (num / den).sqrt() < 1e-4, float((num / den).sqrt())
+        assert (num / den).sqrt() < 1e-3, float((num / den).sqrt())
 
 
 def test_kill_during_checkpoint_save_resumes_from_previous(runs, tmp_path):

@@ -172,7 +172,12 @@ def digits_demo() -> TrainConfig:
     """The demo: MS-ResNet-20 (widths 16-32-64) on the real handwritten digits at 16 px, T = 2, bf16,
     2 ranks x 16 images. Blocks start non-identity (last BN gamma 0.5), which learns these few steps
     much faster than the zero init. Reaches >= 95 % test accuracy (the models issue's digits figure)
-    in 6 epochs, about two minutes on 2 CPU ranks."""
+    in 6 epochs on 2 CPU ranks.
+
+    Where a CPU lacks AVX-512, PyTorch has no oneDNN bf16 convolution (torch.ops.mkldnn.
+    _is_mkldnn_bf16_supported() is False) and runs bf16 on its reference kernels: on an AMD EPYC with AVX2,
+    one rank trained this recipe at 37 img/s in bf16 and 242 img/s with engine.precision=fp32. It stays bf16,
+    the GPU recipes' precision: one fp32 run of it reached 93.3 %, under the 95 % it is tested for."""
     return TrainConfig(
         model=ModelConfig(name="ms_resnet20", num_classes=10, T=2, kwargs={"last_bn_gamma0": 0.5}),
         data=DataConfig(dataset="digits", format="wds", path="data/digits16", batch_size=16, num_workers=1,

@@ -17,7 +17,8 @@ DIR/gpu_check.json (rewritten after every stage) and the next one runs:
   ray    bench.gpu_check.ray_stage: the train stage through `ray job submit`; skipped, with the reason in
          the JSON, where Ray is not installed (the offline bundle leaves it out: its wheel alone is ~78 MB)
 --cpu-dry-run runs the same sequence at toy sizes on the CPU (tests/test_gpu_check.py): DeepSpeed has no
-fp16 there, so the fp16 runs are fp32 and the JSON says "fp16": "substituted on CPU".
+fp16 there, so the train stage's fp16 runs are fp32 and the JSON says "fp16": "substituted on CPU"; the Ray
+stage runs bf16 only.
 """
 
 from __future__ import annotations

@@ -188,11 +188,13 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
         result["rows"].append(row)
         save()
-    if device.type == "cpu":  # a toy cap: what the planner says 4 images need, so the search has an answer
-        cap_gib = fits[p["deepest"], "none"].peak(4, p["res"]) / GiB if (p["deepest"], "none") in fits else 0
     for (name, setting), fit in fits.items():
         if name != p["deepest"] or (name, setting) not in image_s:  # not its failed rows
             continue
+        if device.type == "cpu":
+            # A toy cap: what the planner says 4 images need in this setting, so that the search has an
+            # answer near 4 (one cap for both settings sent the checkpointed row's search to batch 32).
+            cap_gib = fit.peak(4, p["res"]) / GiB
         # What is left of the budget, less time for the LIF timings and the exit.
         deadline = t_start + a.budget_s - (30 if device.type == "cuda" else 15)
         if time.monotonic() > deadline:
