@@ -150,7 +150,8 @@ def chromium(url: str, *, screenshot: Path | None = None, height: int = 1000) ->
     window is written there too. Pages render only what is in view: a tall window shows all of a long page."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     assert exe, "chromium is installed by the Makefile (apt package 'chromium')"
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    # Chromium's helper processes may still write to the profile as it is removed; a leftover file is harmless.
+    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=30000",
@@ -207,7 +208,7 @@ def chromium_typed(url: str, field: str, text: str, until: str, screenshot: Path
             screenshot.write_bytes(base64.b64decode(png["data"]))
             return await page_text()
 
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                                  "--no-first-run", f"--user-data-dir={profile}", "--window-size=1600,1300",
