@@ -26,8 +26,6 @@ from tests.cluster_fixtures import local_sh
 from trainer.checkpoint import find_resume_checkpoint, read_meta
 from trainer.recipes import get_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # Checkpoints every 10 steps, so a kill after step 20 lands between two saves; every step is logged so the
 # step reached at the kill is known to the step. The shrunk group looks for nodes again every RESIZE_CHECK_S
 # (15 s here instead of 60 s); 300 steps (~0.2 s each here) outlast the node's restart and that check, so
